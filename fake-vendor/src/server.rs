@@ -1,0 +1,102 @@
+//! Router and accept loop.
+//!
+//! The loop is hand-rolled rather than `axum::serve` so that a handler can
+//! make its connection close without any response (the `CloseConnection`
+//! fault), and so that dropping the server task also drops every connection.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tower_service::Service;
+
+use crate::error::ApiError;
+use crate::{Shared, embeddings, passthrough};
+
+/// Largest request body read; OpenAI accepts multi-megabyte embedding
+/// batches (2048 inputs of up to 8192 tokens).
+pub(crate) const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// Request extension through which a handler asks for its connection to be
+/// dropped.
+#[derive(Clone)]
+pub(crate) struct ConnectionKill(pub Arc<Notify>);
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/embeddings", post(embeddings::handle))
+        .route("/v1/models", get(passthrough::list_models))
+        .route("/v1/models/{*id}", get(passthrough::get_model))
+        .route("/v1/chat/completions", post(passthrough::chat_completions))
+        .route("/v1/echo", any(passthrough::echo))
+        .route("/v1/echo/{*rest}", any(passthrough::echo))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(shared)
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("Invalid URL ({method} {})", uri.path()),
+    )
+    .into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("Invalid method for URL ({method} {})", uri.path()),
+    )
+    .into_response()
+}
+
+pub(crate) async fn serve(listener: TcpListener, router: Router) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    // Transient failures such as EMFILE: back off briefly.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                connections.spawn(connection(stream, router.clone()));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn connection(stream: tokio::net::TcpStream, router: Router) {
+    let kill = Arc::new(Notify::new());
+    let handler_kill = kill.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut()
+            .insert(ConnectionKill(handler_kill.clone()));
+        let mut router = router.clone();
+        async move {
+            let response: Result<Response<Body>, Infallible> = router.call(req).await;
+            response
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = conn => {}
+        _ = kill.notified() => {}
+    }
+}

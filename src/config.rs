@@ -1,0 +1,230 @@
+//! Settings: built-in defaults, then an optional TOML file, then `EMBGATE__*`
+//! environment variables (`__` separates levels: `EMBGATE__STORE__URL`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The defaults, written as the TOML a user would write. Every key a user can
+/// set has a value here, so `.env.example` and the README can be checked
+/// against one place.
+pub const DEFAULTS: &str = r#"
+listen = "0.0.0.0:8080"
+
+[store]
+url = "redis://127.0.0.1:6379/0"
+key_prefix = "embgate"
+timeout_ms = 50
+write_timeout_ms = 1000
+
+[upstream]
+base_url = "https://api.openai.com/v1"
+api_key = ""
+timeout_secs = 60
+max_inputs_per_call = 2048
+max_tokens_per_call = 300000
+max_concurrency = 4
+max_retries = 4
+retry_deadline_secs = 60
+
+[limits]
+max_body_bytes = 67108864
+max_inputs = 2048
+max_input_bytes = 1048576
+
+[prices]
+"text-embedding-3-small" = 0.02
+"text-embedding-3-large" = 0.13
+"text-embedding-ada-002" = 0.10
+"#;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Address the HTTP server binds.
+    pub listen: String,
+    pub store: StoreSettings,
+    pub upstream: UpstreamSettings,
+    pub limits: LimitSettings,
+    /// USD per 1M input tokens, by model name.
+    pub prices: HashMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoreSettings {
+    pub url: String,
+    pub key_prefix: String,
+    /// A lookup slower than this is abandoned and the request served from the vendor.
+    pub timeout_ms: u64,
+    /// Writes carry whole vectors (up to tens of MB per request), so they get longer.
+    pub write_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpstreamSettings {
+    pub base_url: String,
+    /// Vendor key the gateway uses; empty means "forward the caller's `Authorization`".
+    pub api_key: String,
+    pub timeout_secs: u64,
+    pub max_inputs_per_call: usize,
+    pub max_tokens_per_call: u64,
+    pub max_concurrency: usize,
+    pub max_retries: u32,
+    pub retry_deadline_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LimitSettings {
+    pub max_body_bytes: usize,
+    pub max_inputs: usize,
+    /// Longest single input, in bytes of UTF-8 (or 4 bytes per token id).
+    pub max_input_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let environment = config::Environment::with_prefix("EMBGATE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if reqwest::Url::parse(&self.upstream.base_url).is_err() {
+            return invalid("upstream.base_url", "not a URL");
+        }
+        if self.store.key_prefix.is_empty() || self.store.key_prefix.contains(char::is_whitespace) {
+            return invalid("store.key_prefix", "must be non-empty, without spaces");
+        }
+        if self.store.timeout_ms == 0 || self.store.write_timeout_ms == 0 {
+            return invalid("store.timeout_ms", "timeouts must be positive");
+        }
+        if self.upstream.timeout_secs == 0 {
+            return invalid("upstream.timeout_secs", "must be positive");
+        }
+        if self.upstream.max_inputs_per_call == 0
+            || self.upstream.max_tokens_per_call == 0
+            || self.upstream.max_concurrency == 0
+        {
+            return invalid("upstream.max_*", "batch limits must be positive");
+        }
+        if self.limits.max_inputs == 0 || self.limits.max_body_bytes == 0 {
+            return invalid("limits", "limits must be positive");
+        }
+        if let Some((model, _)) = self
+            .prices
+            .iter()
+            .find(|(_, p)| !(p.is_finite() && **p >= 0.0))
+        {
+            return Err(ConfigError::Invalid {
+                key: "prices",
+                reason: format!("price of {model} must be a non-negative number"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The vendor key the gateway itself holds, if any.
+    pub fn upstream_api_key(&self) -> Option<&str> {
+        Some(self.upstream.api_key.as_str()).filter(|k| !k.is_empty())
+    }
+}
+
+impl StoreSettings {
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_complete() {
+        let s = Settings::load_from(None, env(&[])).expect("defaults load");
+        assert_eq!(s.listen, "0.0.0.0:8080");
+        assert_eq!(s.store.key_prefix, "embgate");
+        assert_eq!(s.upstream.base_url, "https://api.openai.com/v1");
+        assert_eq!(s.upstream_api_key(), None);
+        assert_eq!(s.prices["text-embedding-3-small"], 0.02);
+        assert_eq!(s.prices["text-embedding-3-large"], 0.13);
+        assert_eq!(s.prices["text-embedding-ada-002"], 0.10);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("EMBGATE__LISTEN", "127.0.0.1:9999"),
+                ("EMBGATE__STORE__URL", "redis://127.0.0.1:6380/3"),
+                ("EMBGATE__STORE__KEY_PREFIX", "t1"),
+                ("EMBGATE__UPSTREAM__API_KEY", "sk-123"),
+                ("EMBGATE__UPSTREAM__TIMEOUT_SECS", "7"),
+                ("EMBGATE__PRICES__MY-MODEL", "1.5"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(s.listen, "127.0.0.1:9999");
+        assert_eq!(s.store.url, "redis://127.0.0.1:6380/3");
+        assert_eq!(s.store.key_prefix, "t1");
+        assert_eq!(s.upstream_api_key(), Some("sk-123"));
+        assert_eq!(s.upstream.timeout_secs, 7);
+        assert_eq!(s.prices["my-model"], 1.5);
+        assert_eq!(s.prices["text-embedding-3-small"], 0.02);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let err = Settings::load_from(None, env(&[("EMBGATE__UPSTREAM__BASE_URL", "nope")]));
+        assert!(matches!(err, Err(ConfigError::Invalid { .. })));
+        let err = Settings::load_from(None, env(&[("EMBGATE__PRICES__X", "-1")]));
+        assert!(matches!(err, Err(ConfigError::Invalid { .. })));
+    }
+}

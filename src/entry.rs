@@ -1,0 +1,181 @@
+//! The stored form of one vector: a 20-byte header and the raw little-endian
+//! f32 values, so a hit is served (as base64 or floats) straight from the
+//! bytes Redis returned.
+//!
+//! ```text
+//! 0..2   magic "EG"
+//! 2      format version (1)
+//! 3      flags (0)
+//! 4..8   dimensions, u32 LE
+//! 8..12  tokens the vendor bills for this input, u32 LE
+//! 12..20 xxh3-64 of (key hash, bytes 0..12, payload), u64 LE
+//! 20..   dimensions x f32 LE
+//! ```
+//!
+//! The checksum binds the value to its key: a corrupted value, or a valid
+//! value copied under another key, fails to decode and is treated as a miss.
+
+use bytes::Bytes;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::key::KeyHash;
+
+pub const HEADER_LEN: usize = 20;
+const MAGIC: &[u8; 2] = b"EG";
+pub const FORMAT_VERSION: u8 = 1;
+
+/// A decoded, verified entry. Cheap to clone: it shares the stored bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    bytes: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("entry too short ({0} bytes)")]
+    Short(usize),
+    #[error("not an embgate entry, or an unknown format version")]
+    Foreign,
+    #[error("entry length does not match its dimensions")]
+    Length,
+    #[error("entry has {found} dimensions, the request wants {wanted}")]
+    Dimensions { found: u32, wanted: u32 },
+    #[error("entry checksum mismatch")]
+    Checksum,
+}
+
+impl Entry {
+    /// Encodes a vector for `key`. `values` must be finite (checked upstream).
+    pub fn encode(key: &KeyHash, values: &[f32], tokens: u32) -> Entry {
+        let mut buf = Vec::with_capacity(HEADER_LEN + values.len() * 4);
+        buf.extend_from_slice(MAGIC);
+        buf.push(FORMAT_VERSION);
+        buf.push(0);
+        buf.extend_from_slice(&(values.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&tokens.to_le_bytes());
+        buf.extend_from_slice(&[0; 8]);
+        for v in values {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        let sum = checksum(key, &buf[..12], &buf[HEADER_LEN..]);
+        buf[12..20].copy_from_slice(&sum.to_le_bytes());
+        Entry { bytes: buf.into() }
+    }
+
+    /// Verifies `bytes` as the entry stored under `key`.
+    pub fn decode(
+        key: &KeyHash,
+        bytes: Bytes,
+        wanted_dimensions: Option<u32>,
+    ) -> Result<Entry, DecodeError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(DecodeError::Short(bytes.len()));
+        }
+        if &bytes[0..2] != MAGIC || bytes[2] != FORMAT_VERSION {
+            return Err(DecodeError::Foreign);
+        }
+        let dims = read_u32(&bytes[4..8]);
+        if dims == 0 || (bytes.len() - HEADER_LEN) != dims as usize * 4 {
+            return Err(DecodeError::Length);
+        }
+        if let Some(wanted) = wanted_dimensions.filter(|w| *w != dims) {
+            return Err(DecodeError::Dimensions {
+                found: dims,
+                wanted,
+            });
+        }
+        let stored = u64::from_le_bytes(bytes[12..20].try_into().map_err(|_| DecodeError::Length)?);
+        if stored != checksum(key, &bytes[..12], &bytes[HEADER_LEN..]) {
+            return Err(DecodeError::Checksum);
+        }
+        Ok(Entry { bytes })
+    }
+
+    pub fn dimensions(&self) -> u32 {
+        read_u32(&self.bytes[4..8])
+    }
+
+    pub fn tokens(&self) -> u32 {
+        read_u32(&self.bytes[8..12])
+    }
+
+    /// The vector as little-endian f32 bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[HEADER_LEN..]
+    }
+
+    /// The whole stored value.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
+fn read_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn checksum(key: &KeyHash, header: &[u8], payload: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&key.0);
+    h.update(header);
+    h.update(payload);
+    h.digest()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: KeyHash = KeyHash([7; 32]);
+
+    #[test]
+    fn round_trips_and_stays_compact() {
+        let values = [0.25f32, -1.0, 3.5e-8];
+        let e = Entry::encode(&KEY, &values, 42);
+        assert!(e.as_bytes().len() <= 4 * values.len() + 64);
+        let d = Entry::decode(&KEY, e.as_bytes().clone(), Some(3)).expect("decodes");
+        assert_eq!(d.dimensions(), 3);
+        assert_eq!(d.tokens(), 42);
+        let back: Vec<f32> = d
+            .payload()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(back, values);
+    }
+
+    #[test]
+    fn detects_corruption_foreign_values_and_wrong_keys() {
+        let e = Entry::encode(&KEY, &[1.0, 2.0], 1);
+        let bytes = e.as_bytes().clone();
+        let mut flipped = bytes.to_vec();
+        flipped[HEADER_LEN + 1] ^= 1;
+        assert_eq!(
+            Entry::decode(&KEY, flipped.into(), None),
+            Err(DecodeError::Checksum)
+        );
+        assert_eq!(
+            Entry::decode(&KeyHash([8; 32]), bytes.clone(), None),
+            Err(DecodeError::Checksum)
+        );
+        assert_eq!(
+            Entry::decode(&KEY, Bytes::from_static(b"[0.1, 0.2]"), None),
+            Err(DecodeError::Short(10))
+        );
+        assert_eq!(
+            Entry::decode(&KEY, Bytes::from(vec![b'x'; 40]), None),
+            Err(DecodeError::Foreign)
+        );
+        assert_eq!(
+            Entry::decode(&KEY, bytes.slice(..bytes.len() - 4), None),
+            Err(DecodeError::Length)
+        );
+        assert!(matches!(
+            Entry::decode(&KEY, bytes, Some(3)),
+            Err(DecodeError::Dimensions {
+                found: 2,
+                wanted: 3
+            })
+        ));
+    }
+}

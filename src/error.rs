@@ -1,0 +1,185 @@
+//! The one place where internal errors become HTTP answers, in OpenAI's
+//! `{"error":{"message","type","param","code"}}` shape.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::pipeline::EmbedError;
+use crate::protocol::InvalidRequest;
+use crate::upstream::UpstreamError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    InvalidRequest(#[from] InvalidRequest),
+    #[error("Request body too large: at most {0} bytes are accepted.")]
+    BodyTooLarge(usize),
+    #[error("Could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("Unknown route {0}: this gateway serves /v1/... only.")]
+    NotFound(String),
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+/// An OpenAI-shaped error response.
+pub fn openai_error(
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response {
+    let body = Body {
+        error: Detail {
+            message,
+            kind,
+            param,
+            code,
+        },
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"error\":{}}".to_vec());
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        match self {
+            ApiError::InvalidRequest(e) => openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &e.message,
+                e.param,
+                None,
+            ),
+            ApiError::BodyTooLarge(_) => openai_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                &message,
+                None,
+                Some("request_too_large"),
+            ),
+            ApiError::BodyRead(_) => openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &message,
+                None,
+                None,
+            ),
+            ApiError::NotFound(_) => openai_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                &message,
+                None,
+                Some("unknown_url"),
+            ),
+            ApiError::Unavailable(_) => openai_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                &message,
+                None,
+                None,
+            ),
+            ApiError::Embed(EmbedError::Upstream(e)) => upstream_error(e),
+            ApiError::Embed(EmbedError::Internal(_)) => openai_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                &message,
+                None,
+                None,
+            ),
+        }
+    }
+}
+
+/// Vendor errors go back as the vendor sent them when they are in OpenAI's
+/// shape; anything else is wrapped in that shape with the vendor's status.
+fn upstream_error(e: UpstreamError) -> Response {
+    let message = e.to_string();
+    match e {
+        UpstreamError::Vendor {
+            status,
+            body,
+            headers,
+        } => {
+            let mut response = if is_openai_error(&body) {
+                (
+                    status,
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body,
+                )
+                    .into_response()
+            } else {
+                let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+                openai_error(
+                    status,
+                    "upstream_error",
+                    &format!("The vendor answered {status}: {snippet}"),
+                    None,
+                    None,
+                )
+            };
+            for name in ["retry-after", "retry-after-ms", "x-request-id"] {
+                if let Some(v) = headers.get(name) {
+                    response.headers_mut().insert(name, v.clone());
+                }
+            }
+            response
+        }
+        UpstreamError::Transport(_) => openai_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            &message,
+            None,
+            Some("upstream_unreachable"),
+        ),
+        UpstreamError::Timeout(_) => openai_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            &message,
+            None,
+            Some("upstream_timeout"),
+        ),
+        UpstreamError::InvalidResponse(_) => openai_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            &message,
+            None,
+            Some("upstream_invalid_response"),
+        ),
+    }
+}
+
+fn is_openai_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("error").is_some_and(serde_json::Value::is_object))
+}

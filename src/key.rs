@@ -1,0 +1,140 @@
+//! Cache keys: one per input, a blake3 hash over everything that changes the
+//! vector. The encoding is versioned and length-prefixed, so two different
+//! requests can never encode to the same bytes.
+
+use crate::protocol::{EmbeddingRequest, Input};
+
+/// Bumped whenever the encoding below changes; old keys then simply miss.
+const KEY_CONTEXT: &str = "embgate cache key v1";
+
+/// The 32-byte content hash of one (upstream, model, parameters, input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash(pub [u8; 32]);
+
+/// The parts of a request shared by all its inputs.
+pub struct KeyScope<'a> {
+    /// Identifies the upstream (its base URL): vendors differ for one model name.
+    pub namespace: &'a str,
+    pub model: &'a str,
+    pub dimensions: Option<u32>,
+    pub extra: &'a [(String, Box<serde_json::value::RawValue>)],
+}
+
+impl<'a> KeyScope<'a> {
+    pub fn of(namespace: &'a str, request: &'a EmbeddingRequest) -> Self {
+        KeyScope {
+            namespace,
+            model: &request.model,
+            dimensions: request.dimensions,
+            extra: &request.extra,
+        }
+    }
+
+    /// A hasher with the shared parts already absorbed; cloned per input.
+    pub fn hasher(&self) -> ScopedHasher {
+        let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        field(&mut h, self.namespace.as_bytes());
+        field(&mut h, self.model.as_bytes());
+        match self.dimensions {
+            None => h.update(&[0]),
+            Some(d) => h.update(&[1]).update(&d.to_le_bytes()),
+        };
+        h.update(&(self.extra.len() as u64).to_le_bytes());
+        for (name, value) in self.extra {
+            field(&mut h, name.as_bytes());
+            field(&mut h, value.get().as_bytes());
+        }
+        ScopedHasher(h)
+    }
+}
+
+pub struct ScopedHasher(blake3::Hasher);
+
+impl ScopedHasher {
+    pub fn key(&self, input: &Input) -> KeyHash {
+        let mut h = self.0.clone();
+        match input {
+            Input::Text(text) => {
+                h.update(&[0]);
+                field(&mut h, text.as_bytes());
+            }
+            Input::Tokens(tokens) => {
+                h.update(&[1]);
+                h.update(&(tokens.len() as u64).to_le_bytes());
+                for t in tokens {
+                    h.update(&t.to_le_bytes());
+                }
+            }
+        }
+        KeyHash(*h.finalize().as_bytes())
+    }
+}
+
+fn field(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+impl KeyHash {
+    /// The Redis key: `<prefix>:v1:<hex>`.
+    pub fn redis_key(&self, prefix: &str) -> String {
+        let hex = blake3::Hash::from(self.0).to_hex();
+        let mut key = String::with_capacity(prefix.len() + 4 + hex.len());
+        key.push_str(prefix);
+        key.push_str(":v1:");
+        key.push_str(hex.as_str());
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope<'a>(model: &'a str, dims: Option<u32>) -> KeyScope<'a> {
+        KeyScope {
+            namespace: "https://api.openai.com/v1",
+            model,
+            dimensions: dims,
+            extra: &[],
+        }
+    }
+
+    #[test]
+    fn everything_that_changes_the_vector_changes_the_key() {
+        let text = Input::Text("hello".into());
+        let base = scope("m", None).hasher().key(&text);
+        assert_eq!(base, scope("m", None).hasher().key(&text));
+        assert_ne!(base, scope("m2", None).hasher().key(&text));
+        assert_ne!(base, scope("m", Some(256)).hasher().key(&text));
+        assert_ne!(
+            base,
+            scope("m", None).hasher().key(&Input::Text("hello ".into()))
+        );
+        let other_ns = KeyScope {
+            namespace: "http://other/v1",
+            ..scope("m", None)
+        };
+        assert_ne!(base, other_ns.hasher().key(&text));
+        // A text and a token array with the same bytes are different inputs.
+        let bytes = u32::from_le_bytes(*b"hell");
+        assert_ne!(
+            scope("m", None).hasher().key(&Input::Text("hell".into())),
+            scope("m", None).hasher().key(&Input::Tokens(vec![bytes]))
+        );
+    }
+
+    #[test]
+    fn fields_cannot_run_into_each_other() {
+        let a = scope("ab", None).hasher().key(&Input::Text("c".into()));
+        let b = scope("a", None).hasher().key(&Input::Text("bc".into()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn redis_key_layout() {
+        let k = KeyHash([0xab; 32]).redis_key("pfx");
+        assert!(k.starts_with("pfx:v1:abab"));
+        assert_eq!(k.len(), "pfx:v1:".len() + 64);
+    }
+}

@@ -1,0 +1,124 @@
+//! embgate: an OpenAI-compatible gateway that caches embeddings in Redis, so
+//! the same input is paid for once.
+//!
+//! A request flows `routes` -> `protocol` (parse) -> `pipeline` (`key`,
+//! `store`, `inflight`, `upstream`, `entry`) -> `protocol` (write).
+
+pub mod config;
+pub mod entry;
+pub mod error;
+pub mod inflight;
+pub mod key;
+pub mod metrics;
+pub mod passthrough;
+pub mod pipeline;
+pub mod protocol;
+pub mod routes;
+pub mod store;
+pub mod tokens;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::pipeline::Embedder;
+use crate::protocol::Limits;
+use crate::routes::AppState;
+use crate::store::Store;
+use crate::upstream::Upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("upstream: {0}")]
+    Upstream(String),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A configured gateway, ready to serve.
+pub struct Gateway {
+    pub router: axum::Router,
+    pub embedder: Arc<Embedder>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    pub fn new(settings: &Settings) -> Result<Gateway, StartupError> {
+        let metrics = Arc::new(Metrics::new()?);
+        let store = Store::connect_lazy(&settings.store)?;
+        let upstream = Upstream::new(&settings.upstream, Arc::clone(&metrics))
+            .map_err(StartupError::Upstream)?;
+        let embedder = Arc::new(Embedder::new(
+            settings,
+            store,
+            upstream,
+            Arc::clone(&metrics),
+        ));
+        let state = AppState {
+            embedder: Arc::clone(&embedder),
+            metrics: Arc::clone(&metrics),
+            limits: Limits {
+                max_inputs: settings.limits.max_inputs,
+                max_input_bytes: settings.limits.max_input_bytes,
+            },
+            max_body_bytes: settings.limits.max_body_bytes,
+        };
+        Ok(Gateway {
+            router: routes::router(state),
+            embedder,
+            metrics,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests
+    /// and the cache writes they started.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        self.embedder.drain().await;
+        Ok(())
+    }
+}
+
+/// Binds `settings.listen` and serves until `shutdown`.
+pub async fn run(
+    settings: &Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let gateway = Gateway::new(settings)?;
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|source| StartupError::Listen {
+            addr: settings.listen.clone(),
+            source,
+        })?;
+    tracing::info!(
+        listen = %settings.listen,
+        upstream = %gateway.embedder.upstream().base_url(),
+        "embgate serving"
+    );
+    gateway
+        .serve(listener, shutdown)
+        .await
+        .map_err(|source| StartupError::Listen {
+            addr: settings.listen.clone(),
+            source,
+        })
+}

@@ -1,0 +1,130 @@
+//! Prometheus metrics. Each gateway owns its registry (no globals), so
+//! several gateways in one process (tests) never mix their counts.
+
+use prometheus::{
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub cache_lookups: IntCounterVec,
+    pub cache_saved_tokens: IntCounterVec,
+    pub cache_saved_usd: CounterVec,
+    pub upstream_tokens: IntCounterVec,
+    pub upstream_spent_usd: CounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: Histogram,
+    pub upstream_inputs: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub store_errors: IntCounterVec,
+    pub store_up: IntGauge,
+    pub coalesced_inputs: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let int_counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = CounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "embgate_upstream_duration_seconds",
+                "Time of each upstream embeddings call (each attempt).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "embgate_http_request_duration_seconds",
+                "Time to answer an HTTP request, by route.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        registry.register(Box::new(http_duration.clone()))?;
+        let store_up = IntGauge::new(
+            "embgate_store_up",
+            "1 while the last store operation succeeded, 0 while Redis is failing (serving from the vendor).",
+        )?;
+        registry.register(Box::new(store_up.clone()))?;
+
+        Ok(Metrics {
+            cache_lookups: int_counter(
+                "embgate_cache_lookups_total",
+                "Distinct inputs looked up in the cache, by model and result (hit|miss).",
+                &["model", "result"],
+            )?,
+            cache_saved_tokens: int_counter(
+                "embgate_cache_saved_tokens_total",
+                "Input tokens answered without paying the vendor, by model.",
+                &["model"],
+            )?,
+            cache_saved_usd: counter(
+                "embgate_cache_saved_usd_total",
+                "US dollars not spent thanks to the cache, by model (prices.<model>).",
+                &["model"],
+            )?,
+            upstream_tokens: int_counter(
+                "embgate_upstream_tokens_total",
+                "Input tokens billed by the vendor, by model.",
+                &["model"],
+            )?,
+            upstream_spent_usd: counter(
+                "embgate_upstream_spent_usd_total",
+                "US dollars spent at the vendor, by model (prices.<model>).",
+                &["model"],
+            )?,
+            upstream_requests: int_counter(
+                "embgate_upstream_requests_total",
+                "Upstream embeddings calls (each attempt), by HTTP status, or timeout|error.",
+                &["status"],
+            )?,
+            upstream_duration,
+            upstream_inputs: int_counter(
+                "embgate_upstream_inputs_total",
+                "Inputs sent to the vendor, by model.",
+                &["model"],
+            )?,
+            http_requests: int_counter(
+                "embgate_http_requests_total",
+                "HTTP requests answered, by route and status.",
+                &["route", "status"],
+            )?,
+            http_duration,
+            store_errors: int_counter(
+                "embgate_store_errors_total",
+                "Store failures, by operation (get|set|ping|decode); each one is served from the vendor.",
+                &["op"],
+            )?,
+            store_up,
+            coalesced_inputs: int_counter(
+                "embgate_coalesced_inputs_total",
+                "Missed inputs served by another request's in-flight upstream fetch, by model.",
+                &["model"],
+            )?,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<Vec<u8>, prometheus::Error> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,534 @@
+//! OpenAI's embeddings wire format: parsing and validating requests the way
+//! the vendor does, and writing responses without an intermediate JSON tree.
+
+use std::fmt;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// One input to embed, exactly as the caller sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Input {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+impl Input {
+    /// Size used for limits and as an upper bound of its token count
+    /// (a cl100k token is at least one byte).
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Input::Text(t) => t.len(),
+            Input::Tokens(t) => t.len() * 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodingFormat {
+    Float,
+    Base64,
+}
+
+/// A validated `POST /v1/embeddings` body.
+#[derive(Debug)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub inputs: Vec<Input>,
+    pub encoding_format: EncodingFormat,
+    pub dimensions: Option<u32>,
+    pub user: Option<String>,
+    /// Fields OpenAI does not define but other vendors do (e.g. `input_type`).
+    /// They are forwarded and, since they may change the vector, keyed on.
+    /// Sorted by name.
+    pub extra: Vec<(String, Box<RawValue>)>,
+}
+
+/// Request-size limits enforced while parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_inputs: usize,
+    pub max_input_bytes: usize,
+}
+
+/// A request the vendor would refuse; becomes a 400 `invalid_request_error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidRequest {
+    pub message: String,
+    pub param: Option<&'static str>,
+}
+
+fn invalid(param: Option<&'static str>, message: impl Into<String>) -> InvalidRequest {
+    InvalidRequest {
+        message: message.into(),
+        param,
+    }
+}
+
+/// Parses and validates a request body.
+pub fn parse_request(body: &[u8], limits: Limits) -> Result<EmbeddingRequest, InvalidRequest> {
+    let fields: Fields = serde_json::from_slice(body).map_err(|e| {
+        invalid(
+            None,
+            format!(
+                "We could not parse the JSON body of your request. The API expects a JSON object \
+                 with 'model' and 'input' ({e})."
+            ),
+        )
+    })?;
+
+    let model = match fields.model {
+        Some(raw) => match serde_json::from_str::<Option<String>>(raw.get()) {
+            Ok(Some(m)) if !m.is_empty() => m,
+            Ok(Some(_)) | Ok(None) => {
+                return Err(invalid(Some("model"), "you must provide a model parameter"));
+            }
+            Err(_) => return Err(invalid(Some("model"), "'model' must be a string")),
+        },
+        None => return Err(invalid(Some("model"), "you must provide a model parameter")),
+    };
+
+    let inputs = match fields.input {
+        Some(raw) => parse_inputs(raw)?,
+        None => return Err(invalid(Some("input"), "'input' is a required property")),
+    };
+    if inputs.len() > limits.max_inputs {
+        return Err(invalid(
+            Some("input"),
+            format!(
+                "Too many inputs: {} given, at most {} are allowed per request.",
+                inputs.len(),
+                limits.max_inputs
+            ),
+        ));
+    }
+    if let Some((i, _)) = inputs
+        .iter()
+        .enumerate()
+        .find(|(_, input)| input.byte_len() > limits.max_input_bytes)
+    {
+        return Err(invalid(
+            Some("input"),
+            format!(
+                "Input {i} is too long: at most {} bytes per input are allowed.",
+                limits.max_input_bytes
+            ),
+        ));
+    }
+
+    let encoding_format = match fields.encoding_format {
+        None => EncodingFormat::Float,
+        Some(raw) => match serde_json::from_str::<Option<&str>>(raw.get()) {
+            Ok(None) | Ok(Some("float")) => EncodingFormat::Float,
+            Ok(Some("base64")) => EncodingFormat::Base64,
+            _ => {
+                return Err(invalid(
+                    Some("encoding_format"),
+                    format!(
+                        "{} is not one of ['float', 'base64'] - 'encoding_format'",
+                        raw.get()
+                    ),
+                ));
+            }
+        },
+    };
+
+    let dimensions = match fields.dimensions {
+        None => None,
+        Some(raw) => match serde_json::from_str::<Option<u32>>(raw.get()) {
+            Ok(Some(0)) | Err(_) => {
+                return Err(invalid(
+                    Some("dimensions"),
+                    format!(
+                        "Invalid 'dimensions': {} is not a positive integer.",
+                        raw.get()
+                    ),
+                ));
+            }
+            Ok(d) => d,
+        },
+    };
+
+    let user = match fields.user {
+        None => None,
+        Some(raw) => serde_json::from_str::<Option<String>>(raw.get())
+            .map_err(|_| invalid(Some("user"), "'user' must be a string"))?,
+    };
+
+    let mut extra = fields.extra;
+    extra.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(EmbeddingRequest {
+        model,
+        inputs,
+        encoding_format,
+        dimensions,
+        user,
+        extra,
+    })
+}
+
+/// The top-level object, each field kept raw so that every field gets its
+/// own precise error, and unknown fields survive untouched.
+#[derive(Default)]
+struct Fields {
+    model: Option<Box<RawValue>>,
+    input: Option<Box<RawValue>>,
+    encoding_format: Option<Box<RawValue>>,
+    dimensions: Option<Box<RawValue>>,
+    user: Option<Box<RawValue>>,
+    extra: Vec<(String, Box<RawValue>)>,
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut fields = Fields::default();
+                while let Some(name) = map.next_key::<String>()? {
+                    let value: Box<RawValue> = map.next_value()?;
+                    let slot = match name.as_str() {
+                        "model" => &mut fields.model,
+                        "input" => &mut fields.input,
+                        "encoding_format" => &mut fields.encoding_format,
+                        "dimensions" => &mut fields.dimensions,
+                        "user" => &mut fields.user,
+                        _ => {
+                            fields.extra.retain(|(n, _)| *n != name);
+                            fields.extra.push((name, value));
+                            continue;
+                        }
+                    };
+                    *slot = Some(value);
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+fn parse_inputs(raw: Box<RawValue>) -> Result<Vec<Input>, InvalidRequest> {
+    let parsed: InputField = serde_json::from_str(raw.get())
+        .map_err(|e| invalid(Some("input"), format!("'$.input' is invalid: {e}")))?;
+    let inputs = parsed.0.map_err(|m| invalid(Some("input"), m))?;
+    if inputs.is_empty() {
+        return Err(invalid(
+            Some("input"),
+            "'$.input' is invalid: it must not be empty.",
+        ));
+    }
+    if let Some(i) = inputs.iter().position(|input| match input {
+        Input::Text(t) => t.is_empty(),
+        Input::Tokens(t) => t.is_empty(),
+    }) {
+        return Err(invalid(
+            Some("input"),
+            format!("'$.input[{i}]' is invalid: inputs must not be empty."),
+        ));
+    }
+    Ok(inputs)
+}
+
+/// `input` in any of its four shapes; a shape error is kept as a message.
+struct InputField(Result<Vec<Input>, String>);
+
+/// One element of an `input` array.
+enum Element {
+    Text(String),
+    Token(u32),
+    Tokens(Vec<u32>),
+}
+
+impl<'de> Deserialize<'de> for InputField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct InputVisitor;
+        impl<'de> Visitor<'de> for InputVisitor {
+            type Value = InputField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, an array of strings, or token arrays")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<InputField, E> {
+                Ok(InputField(Ok(vec![Input::Text(v.to_owned())])))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<InputField, E> {
+                Ok(InputField(Ok(vec![Input::Text(v)])))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<InputField, A::Error> {
+                let mut elements = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(e) = seq.next_element::<Element>()? {
+                    elements.push(e);
+                }
+                Ok(InputField(homogeneous(elements)))
+            }
+        }
+        d.deserialize_any(InputVisitor)
+    }
+}
+
+/// The vendor rejects arrays that mix strings, token ids and token arrays.
+fn homogeneous(elements: Vec<Element>) -> Result<Vec<Input>, String> {
+    const MIXED: &str = "'$.input' is invalid: an array must hold only strings, only token ids, \
+                         or only token arrays.";
+    match elements.first() {
+        None => Ok(Vec::new()),
+        Some(Element::Token(_)) => elements
+            .into_iter()
+            .map(|e| match e {
+                Element::Token(t) => Ok(t),
+                _ => Err(MIXED.to_owned()),
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(|tokens| vec![Input::Tokens(tokens)]),
+        Some(_) => elements
+            .into_iter()
+            .try_fold((Vec::new(), None::<bool>), |(mut acc, text_kind), e| {
+                let (input, is_text) = match e {
+                    Element::Text(t) => (Input::Text(t), true),
+                    Element::Tokens(t) => (Input::Tokens(t), false),
+                    Element::Token(_) => return Err(MIXED.to_owned()),
+                };
+                if text_kind.is_some_and(|k| k != is_text) {
+                    return Err(MIXED.to_owned());
+                }
+                acc.push(input);
+                Ok((acc, Some(is_text)))
+            })
+            .map(|(acc, _)| acc),
+    }
+}
+
+impl<'de> Deserialize<'de> for Element {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ElementVisitor;
+        impl<'de> Visitor<'de> for ElementVisitor {
+            type Value = Element;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a token id (0..2^32), or an array of token ids")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Element, E> {
+                Ok(Element::Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Element, E> {
+                Ok(Element::Text(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Element, E> {
+                u32::try_from(v)
+                    .map(Element::Token)
+                    .map_err(|_| E::custom(format!("token id {v} is out of range")))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Element, A::Error> {
+                let mut tokens = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(t) = seq.next_element::<u32>()? {
+                    tokens.push(t);
+                }
+                Ok(Element::Tokens(tokens))
+            }
+        }
+        d.deserialize_any(ElementVisitor)
+    }
+}
+
+/// Writes an OpenAI embeddings response for vectors given as raw
+/// little-endian f32 bytes, in the caller's order.
+pub fn write_response<'a>(
+    out: &mut Vec<u8>,
+    model: &str,
+    vectors: impl ExactSizeIterator<Item = &'a [u8]>,
+    format: EncodingFormat,
+    prompt_tokens: u64,
+) {
+    let mut float = ryu::Buffer::new();
+    out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
+    for (index, vector) in vectors.enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
+        out.extend_from_slice(itoa(index as u64, &mut [0u8; 20]));
+        out.extend_from_slice(b",\"embedding\":");
+        match format {
+            EncodingFormat::Base64 => {
+                out.push(b'"');
+                let start = out.len();
+                let len = base64::encoded_len(vector.len(), true).unwrap_or(0);
+                out.resize(start + len, 0);
+                let written = base64::engine::general_purpose::STANDARD
+                    .encode_slice(vector, &mut out[start..])
+                    .unwrap_or(0);
+                out.truncate(start + written);
+                out.push(b'"');
+            }
+            EncodingFormat::Float => {
+                out.push(b'[');
+                for (i, chunk) in vector.chunks_exact(4).enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                    out.extend_from_slice(float.format(value).as_bytes());
+                }
+                out.push(b']');
+            }
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],\"model\":");
+    // A String always serialises; the fallback keeps the output valid JSON.
+    if serde_json::to_writer(&mut *out, model).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+    out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
+    out.extend_from_slice(itoa(prompt_tokens, &mut [0u8; 20]));
+    out.extend_from_slice(b",\"total_tokens\":");
+    out.extend_from_slice(itoa(prompt_tokens, &mut [0u8; 20]));
+    out.extend_from_slice(b"}}");
+}
+
+/// Formats an unsigned integer into `buf` without allocating.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_inputs: 2048,
+        max_input_bytes: 1 << 20,
+    };
+
+    fn parse(body: &str) -> Result<EmbeddingRequest, InvalidRequest> {
+        parse_request(body.as_bytes(), LIMITS)
+    }
+
+    #[test]
+    fn accepts_the_four_input_shapes() {
+        let r = parse(r#"{"model":"m","input":"hi"}"#).expect("string");
+        assert_eq!(r.inputs, vec![Input::Text("hi".into())]);
+        assert_eq!(r.encoding_format, EncodingFormat::Float);
+        let r = parse(r#"{"model":"m","input":["a","b"]}"#).expect("strings");
+        assert_eq!(r.inputs.len(), 2);
+        let r = parse(r#"{"model":"m","input":[1,2,3]}"#).expect("tokens");
+        assert_eq!(r.inputs, vec![Input::Tokens(vec![1, 2, 3])]);
+        let r =
+            parse(r#"{"model":"m","input":[[1],[2,3]],"encoding_format":"base64","dimensions":8}"#)
+                .expect("token arrays");
+        assert_eq!(
+            r.inputs,
+            vec![Input::Tokens(vec![1]), Input::Tokens(vec![2, 3])]
+        );
+        assert_eq!(r.encoding_format, EncodingFormat::Base64);
+        assert_eq!(r.dimensions, Some(8));
+    }
+
+    #[test]
+    fn keeps_unknown_fields_sorted() {
+        let r = parse(r#"{"model":"m","input":"x","z":1,"input_type":"query"}"#).expect("ok");
+        let names: Vec<_> = r.extra.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["input_type", "z"]);
+    }
+
+    #[test]
+    fn rejects_what_the_vendor_rejects() {
+        let cases = [
+            ("{", None),
+            ("[]", None),
+            (r#"{"input":"x"}"#, Some("model")),
+            (r#"{"model":5,"input":"x"}"#, Some("model")),
+            (r#"{"model":"m"}"#, Some("input")),
+            (r#"{"model":"m","input":[]}"#, Some("input")),
+            (r#"{"model":"m","input":""}"#, Some("input")),
+            (r#"{"model":"m","input":["a",""]}"#, Some("input")),
+            (r#"{"model":"m","input":[[]]}"#, Some("input")),
+            (r#"{"model":"m","input":["a",[1]]}"#, Some("input")),
+            (r#"{"model":"m","input":[1,"a"]}"#, Some("input")),
+            (r#"{"model":"m","input":[-1]}"#, Some("input")),
+            (r#"{"model":"m","input":[1.5]}"#, Some("input")),
+            (r#"{"model":"m","input":{"a":1}}"#, Some("input")),
+            (
+                r#"{"model":"m","input":"x","encoding_format":"int8"}"#,
+                Some("encoding_format"),
+            ),
+            (
+                r#"{"model":"m","input":"x","dimensions":0}"#,
+                Some("dimensions"),
+            ),
+            (
+                r#"{"model":"m","input":"x","dimensions":"8"}"#,
+                Some("dimensions"),
+            ),
+            (r#"{"model":"m","input":"x","user":3}"#, Some("user")),
+        ];
+        for (body, param) in cases {
+            let err = parse(body).expect_err(body);
+            assert_eq!(err.param, param, "{body}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn enforces_limits() {
+        let many = format!(
+            r#"{{"model":"m","input":[{}]}}"#,
+            vec!["\"a\""; 2049].join(",")
+        );
+        assert_eq!(parse(&many).expect_err("too many").param, Some("input"));
+        let long = format!(r#"{{"model":"m","input":"{}"}}"#, "a".repeat((1 << 20) + 1));
+        assert_eq!(parse(&long).expect_err("too long").param, Some("input"));
+    }
+
+    #[test]
+    fn writes_float_and_base64() {
+        let v: Vec<u8> = [0.5f32, -1.25]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        let mut out = Vec::new();
+        write_response(
+            &mut out,
+            "m\"x",
+            [v.as_slice()].into_iter(),
+            EncodingFormat::Float,
+            7,
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out).expect("valid json");
+        assert_eq!(
+            json["data"][0]["embedding"],
+            serde_json::json!([0.5, -1.25])
+        );
+        assert_eq!(json["model"], "m\"x");
+        assert_eq!(json["usage"]["prompt_tokens"], 7);
+        out.clear();
+        write_response(
+            &mut out,
+            "m",
+            [v.as_slice()].into_iter(),
+            EncodingFormat::Base64,
+            0,
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out).expect("valid json");
+        let b64 = json["data"][0]["embedding"].as_str().expect("string");
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .expect("b64"),
+            v
+        );
+    }
+}

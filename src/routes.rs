@@ -1,0 +1,179 @@
+//! HTTP routes: the cached embeddings endpoint, health, metrics, and
+//! everything else passed through to the vendor.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::passthrough;
+use crate::pipeline::{Embedded, Embedder};
+use crate::protocol::{self, EncodingFormat, Limits};
+use crate::upstream::CallerAuth;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub embedder: Arc<Embedder>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(passthrough::forward)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Counts and times every request by route (`passthrough` for the fallback).
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("passthrough", |p| match p.as_str() {
+            "/v1/embeddings" => "/v1/embeddings",
+            "/metrics" => "/metrics",
+            "/healthz" => "/healthz",
+            "/readyz" => "/readyz",
+            _ => "other",
+        });
+    let started = Instant::now();
+    let response = next.run(req).await;
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[route, response.status().as_str()])
+        .inc();
+    response
+}
+
+/// Responses at least this many floats are rendered off the async threads.
+const LARGE_RESPONSE_VALUES: usize = 256 * 1024;
+
+async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::BodyTooLarge(state.max_body_bytes)
+        }
+        other => ApiError::BodyRead(other.body_text()),
+    })?;
+    let request = protocol::parse_request(&body, state.limits)?;
+    drop(body);
+    let model = request.model.clone();
+    let format = request.encoding_format;
+    let embedded = state
+        .embedder
+        .embed(Arc::new(request), CallerAuth::from_headers(&headers))
+        .await?;
+
+    let values: usize = embedded.entries.iter().map(|e| e.payload().len() / 4).sum();
+    let (cache, upstream_tokens) = (embedded.cache, embedded.upstream_tokens);
+    let json = if values >= LARGE_RESPONSE_VALUES {
+        tokio::task::spawn_blocking(move || render(&model, &embedded, format))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("rendering failed: {e}")))?
+    } else {
+        render(&model, &embedded, format)
+    };
+    let mut response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    )
+        .into_response();
+    let h = response.headers_mut();
+    h.insert("x-embgate-cache", HeaderValue::from_static(cache.as_str()));
+    h.insert(
+        "x-embgate-upstream-tokens",
+        HeaderValue::from(upstream_tokens),
+    );
+    Ok(response)
+}
+
+fn render(model: &str, embedded: &Embedded, format: EncodingFormat) -> Vec<u8> {
+    let payload: usize = embedded.entries.iter().map(|e| e.payload().len()).sum();
+    // base64 is 4/3 of the bytes; floats average about 11 characters each.
+    let estimate = 256 + embedded.entries.len() * 64 + payload * 3;
+    let mut out = Vec::with_capacity(estimate);
+    protocol::write_response(
+        &mut out,
+        model,
+        embedded.entries.iter().map(|e| e.payload()),
+        format,
+        embedded.prompt_tokens,
+    );
+    out
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let text = state
+        .metrics
+        .render()
+        .map_err(|e| ApiError::Unavailable(format!("metrics: {e}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready means the store answers. When it does not, the gateway still
+/// serves (from the vendor), so this reports `degraded` with 503.
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.embedder.store().ping().await {
+        Ok(()) => {
+            state.metrics.store_up.set(1);
+            axum::Json(serde_json::json!({ "status": "ready", "store": "ok" })).into_response()
+        }
+        Err(e) => {
+            state
+                .metrics
+                .store_errors
+                .with_label_values(&["ping"])
+                .inc();
+            state.metrics.store_up.set(0);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({
+                    "status": "degraded",
+                    "store": e.to_string(),
+                    "serving": "from the vendor, without cache",
+                })),
+            )
+                .into_response()
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The Redis store: one MGET per request for lookups, one MSET for writes,
+//! over a single multiplexed, self-reconnecting connection. Every call is
+//! bounded by a timeout so a slow or dead Redis never holds a request up:
+//! the caller treats an error as "all miss" and carries on (fail open).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::StoreSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    read_timeout: Duration,
+    write_timeout: Duration,
+}
+
+impl Store {
+    /// Prepares the connection without opening it, so the gateway starts
+    /// (and serves from the vendor) even while Redis is down.
+    pub fn connect_lazy(settings: &StoreSettings) -> Result<Store, StoreError> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(200));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Store {
+            conn,
+            read_timeout: settings.read_timeout(),
+            write_timeout: settings.write_timeout(),
+        })
+    }
+
+    /// Values for `keys`, in order; `None` where a key is absent.
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let cmd = {
+            let mut c = redis::cmd("MGET");
+            c.arg(keys);
+            c
+        };
+        bounded(self.read_timeout, cmd.query_async(&mut conn)).await
+    }
+
+    /// Stores every pair without expiry (an embedding never changes).
+    pub async fn put_many(&self, items: &[(String, Bytes)]) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("MSET");
+        for (key, value) in items {
+            cmd.arg(key).arg(value.as_ref());
+        }
+        bounded(self.write_timeout, cmd.query_async::<()>(&mut conn)).await
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        bounded(
+            self.read_timeout.max(Duration::from_millis(500)),
+            async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(|_| ())
+            },
+        )
+        .await
+    }
+
+    /// The connection, for tools (migrations, stats) that need more commands.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Timeout(limit)),
+    }
+}

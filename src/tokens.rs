@@ -1,0 +1,98 @@
+//! Billed tokens per input, stored with each entry so hits can report usage
+//! and savings.
+//!
+//! - OpenAI embedding models (`text-embedding-*`): exact, with cl100k_base
+//!   (texts) or the array length (token arrays).
+//! - Other models: the vendor's reported usage for the call is shared among
+//!   its inputs in proportion to their size (UTF-8 bytes, or 4 per token id),
+//!   with largest-remainder rounding so the parts add up to the billed total.
+
+use crate::protocol::Input;
+
+/// Whether `model` is tokenised with cl100k_base, so counts are exact.
+pub fn is_cl100k_model(model: &str) -> bool {
+    model.starts_with("text-embedding-")
+}
+
+/// Exact count for an OpenAI model, `None` for others.
+pub fn exact_count(model: &str, input: &Input) -> Option<u32> {
+    match input {
+        Input::Tokens(t) => Some(saturate(t.len())),
+        Input::Text(text) if is_cl100k_model(model) => Some(saturate(
+            tiktoken_rs::cl100k_base_singleton()
+                .encode_ordinary(text)
+                .len(),
+        )),
+        Input::Text(_) => None,
+    }
+}
+
+/// Counts for one upstream call: exact where possible, otherwise the
+/// vendor's `billed` total shared out by size.
+pub fn counts_for_call(model: &str, inputs: &[&Input], billed: Option<u64>) -> Vec<u32> {
+    if is_cl100k_model(model) {
+        return inputs
+            .iter()
+            .map(|i| exact_count(model, i).unwrap_or(0))
+            .collect();
+    }
+    let weights: Vec<u64> = inputs.iter().map(|i| i.byte_len() as u64).collect();
+    apportion(billed.unwrap_or(0), &weights)
+}
+
+/// Splits `total` in proportion to `weights`; the parts sum to `total`.
+pub fn apportion(total: u64, weights: &[u64]) -> Vec<u32> {
+    let sum: u128 = weights.iter().map(|w| *w as u128).sum();
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    if sum == 0 {
+        let each = total / weights.len() as u64;
+        let mut parts = vec![each; weights.len()];
+        let rest = total - each * weights.len() as u64;
+        for p in parts.iter_mut().take(rest as usize) {
+            *p += 1;
+        }
+        return parts.into_iter().map(|p| saturate(p as usize)).collect();
+    }
+    let mut parts = Vec::with_capacity(weights.len());
+    let mut remainders = Vec::with_capacity(weights.len());
+    let mut given: u128 = 0;
+    for (i, w) in weights.iter().enumerate() {
+        let exact = total as u128 * *w as u128;
+        parts.push(exact / sum);
+        remainders.push((exact % sum, i));
+        given += exact / sum;
+    }
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in remainders.iter().take((total as u128 - given) as usize) {
+        parts[*i] += 1;
+    }
+    parts.into_iter().map(|p| saturate(p as usize)).collect()
+}
+
+fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_for_openai_models() {
+        let hello = Input::Text("hello world".into());
+        assert_eq!(exact_count("text-embedding-3-small", &hello), Some(2));
+        assert_eq!(exact_count("acme", &hello), None);
+        assert_eq!(exact_count("acme", &Input::Tokens(vec![1, 2, 3])), Some(3));
+    }
+
+    #[test]
+    fn apportion_adds_up() {
+        assert_eq!(apportion(10, &[1, 1, 2]), vec![3, 2, 5]);
+        assert_eq!(apportion(7, &[0, 0]), vec![4, 3]);
+        assert_eq!(apportion(0, &[5]), vec![0]);
+        let parts = apportion(1001, &[3, 7, 11, 13]);
+        assert_eq!(parts.iter().map(|p| *p as u64).sum::<u64>(), 1001);
+    }
+}

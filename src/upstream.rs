@@ -1,0 +1,426 @@
+//! The vendor client: one `POST {base_url}/embeddings` per batch of misses,
+//! asking for base64 (exact f32 bytes), retried on 429/5xx/transport
+//! failures, and checked before anything is trusted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::config::UpstreamSettings;
+use crate::metrics::Metrics;
+use crate::protocol::Input;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The vendor answered with an error; it reaches the caller as sent.
+    #[error("vendor answered {status}")]
+    Vendor {
+        status: StatusCode,
+        body: Bytes,
+        headers: HeaderMap,
+    },
+    #[error("vendor unreachable: {0}")]
+    Transport(String),
+    #[error("vendor did not answer within {0:?}")]
+    Timeout(Duration),
+    /// A 2xx answer that does not hold exactly the vectors asked for.
+    #[error("vendor sent an invalid response: {0}")]
+    InvalidResponse(String),
+}
+
+impl UpstreamError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            UpstreamError::Vendor { status, .. } => {
+                *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+            }
+            UpstreamError::Transport(_) | UpstreamError::Timeout(_) => true,
+            UpstreamError::InvalidResponse(_) => false,
+        }
+    }
+
+    /// The wait the vendor asked for (`retry-after-ms` or `Retry-After` seconds).
+    fn retry_after(&self) -> Option<Duration> {
+        let UpstreamError::Vendor { headers, .. } = self else {
+            return None;
+        };
+        let number = |name: &str| -> Option<f64> {
+            headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok()
+        };
+        let secs = number("retry-after-ms")
+            .map(|ms| ms / 1000.0)
+            .or_else(|| number("retry-after"))?;
+        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+    }
+}
+
+/// Caller headers that are forwarded on misses.
+#[derive(Debug, Clone, Default)]
+pub struct CallerAuth {
+    pub authorization: Option<HeaderValue>,
+    pub organization: Option<HeaderValue>,
+    pub project: Option<HeaderValue>,
+}
+
+impl CallerAuth {
+    pub fn from_headers(h: &HeaderMap) -> Self {
+        CallerAuth {
+            authorization: h.get(header::AUTHORIZATION).cloned(),
+            organization: h.get("openai-organization").cloned(),
+            project: h.get("openai-project").cloned(),
+        }
+    }
+}
+
+/// One upstream embeddings call.
+pub struct EmbedCall<'a> {
+    pub model: &'a str,
+    pub inputs: Vec<&'a Input>,
+    pub dimensions: Option<u32>,
+    pub user: Option<&'a str>,
+    pub extra: &'a [(String, Box<RawValue>)],
+    pub auth: &'a CallerAuth,
+}
+
+/// A checked answer: one vector per input, in input order.
+#[derive(Debug)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the vendor billed for the call, when it says.
+    pub prompt_tokens: Option<u64>,
+}
+
+pub struct Upstream {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Option<HeaderValue>,
+    settings: UpstreamSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    pub fn new(settings: &UpstreamSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        let api_key = Some(settings.api_key.as_str())
+            .filter(|k| !k.is_empty())
+            .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
+            .transpose()
+            .map_err(|_| "upstream.api_key holds characters not allowed in a header".to_owned())?
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
+        Ok(Upstream {
+            http,
+            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            settings: settings.clone(),
+            metrics,
+        })
+    }
+
+    /// The base URL without a trailing slash; also the cache-key namespace.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The `Authorization` to send upstream: the gateway's key, or the caller's.
+    pub fn authorization<'a>(&'a self, caller: Option<&'a HeaderValue>) -> Option<&'a HeaderValue> {
+        self.api_key.as_ref().or(caller)
+    }
+
+    /// Embeds `call.inputs`, retrying transient failures within the deadline.
+    pub async fn embed(&self, call: &EmbedCall<'_>) -> Result<Embeddings, UpstreamError> {
+        let body = serde_json::to_vec(&RequestBody(call))
+            .map_err(|e| UpstreamError::InvalidResponse(format!("encoding request: {e}")))?;
+        let body = Bytes::from(body);
+        let deadline = Instant::now() + Duration::from_secs(self.settings.retry_deadline_secs);
+        let mut attempt = 0u32;
+        loop {
+            let err = match self.send_once(call, body.clone()).await {
+                Ok(embeddings) => return Ok(embeddings),
+                Err(e) => e,
+            };
+            if !err.is_retryable() || attempt >= self.settings.max_retries {
+                return Err(err);
+            }
+            let wait = err.retry_after().unwrap_or_else(|| backoff(attempt));
+            if Instant::now() + wait > deadline {
+                return Err(err);
+            }
+            tracing::debug!(attempt, ?wait, error = %err, "retrying upstream");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        call: &EmbedCall<'_>,
+        body: Bytes,
+    ) -> Result<Embeddings, UpstreamError> {
+        let timeout = Duration::from_secs(self.settings.timeout_secs);
+        let mut req = self
+            .http
+            .post(format!("{}/embeddings", self.base_url))
+            .timeout(timeout)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(auth) = self.authorization(call.auth.authorization.as_ref()) {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        if let Some(org) = &call.auth.organization {
+            req = req.header("openai-organization", org.clone());
+        }
+        if let Some(project) = &call.auth.project {
+            req = req.header("openai-project", project.clone());
+        }
+
+        let started = Instant::now();
+        let result = self.exchange(req, timeout).await;
+        self.metrics
+            .upstream_duration
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok((status, _)) => status.as_str().to_owned(),
+            Err(UpstreamError::Timeout(_)) => "timeout".to_owned(),
+            Err(_) => "error".to_owned(),
+        };
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[label.as_str()])
+            .inc();
+
+        let (status, response) = result?;
+        let headers = response.headers().clone();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(e, timeout))?;
+        if !status.is_success() {
+            return Err(UpstreamError::Vendor {
+                status,
+                body: bytes,
+                headers,
+            });
+        }
+        check_response(&bytes, call.inputs.len(), call.dimensions)
+    }
+
+    async fn exchange(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<(StatusCode, reqwest::Response), UpstreamError> {
+        let response = req.send().await.map_err(|e| transport_error(e, timeout))?;
+        Ok((response.status(), response))
+    }
+}
+
+fn transport_error(e: reqwest::Error, timeout: Duration) -> UpstreamError {
+    if e.is_timeout() {
+        UpstreamError::Timeout(timeout)
+    } else {
+        // Without the URL: it may carry credentials in its userinfo.
+        UpstreamError::Transport(e.without_url().to_string())
+    }
+}
+
+/// Exponential backoff with full jitter: 0..(250ms * 2^attempt), capped at 8s.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = 250u64.saturating_mul(1 << attempt.min(5)).min(8_000);
+    Duration::from_millis(rand::random_range(ceiling / 2..=ceiling))
+}
+
+/// The JSON body sent upstream; always asks for base64.
+struct RequestBody<'a>(&'a EmbedCall<'a>);
+
+impl Serialize for RequestBody<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let call = self.0;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("model", call.model)?;
+        map.serialize_entry("input", &call.inputs)?;
+        map.serialize_entry("encoding_format", "base64")?;
+        if let Some(d) = call.dimensions {
+            map.serialize_entry("dimensions", &d)?;
+        }
+        if let Some(user) = call.user {
+            map.serialize_entry("user", user)?;
+        }
+        for (name, value) in call.extra {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for Input {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Input::Text(t) => s.serialize_str(t),
+            Input::Tokens(t) => t.serialize(s),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ResponseBody {
+    data: Vec<ResponseItem>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ResponseItem {
+    index: usize,
+    embedding: Vector,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Vector {
+    Base64(String),
+    // f64 so that values beyond f32's range are caught, not silently inf.
+    Floats(Vec<f64>),
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    prompt_tokens: u64,
+}
+
+/// Parses and checks a 2xx answer: count, indices, equal (and requested)
+/// dimensions, finite values. Anything off rejects the whole answer.
+fn check_response(
+    body: &[u8],
+    expected: usize,
+    dimensions: Option<u32>,
+) -> Result<Embeddings, UpstreamError> {
+    let bad = |m: String| Err(UpstreamError::InvalidResponse(m));
+    let parsed: ResponseBody = match serde_json::from_slice(body) {
+        Ok(p) => p,
+        Err(e) => return bad(format!("not an embeddings response: {e}")),
+    };
+    if parsed.data.len() != expected {
+        return bad(format!(
+            "{} embeddings for {expected} inputs",
+            parsed.data.len()
+        ));
+    }
+    let mut slots: Vec<Option<Vec<f32>>> = vec![None; expected];
+    for item in parsed.data {
+        let values = match item.embedding {
+            Vector::Base64(s) => {
+                let raw = match base64::engine::general_purpose::STANDARD.decode(s.as_bytes()) {
+                    Ok(raw) if raw.len() % 4 == 0 => raw,
+                    _ => return bad(format!("embedding {} is not base64 f32", item.index)),
+                };
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect::<Vec<f32>>()
+            }
+            Vector::Floats(v) => v.into_iter().map(|x| x as f32).collect(),
+        };
+        if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
+            return bad(format!("embedding {} is empty or not finite", item.index));
+        }
+        match slots.get_mut(item.index) {
+            Some(slot @ None) => *slot = Some(values),
+            Some(Some(_)) => return bad(format!("index {} appears twice", item.index)),
+            None => return bad(format!("index {} out of range", item.index)),
+        }
+    }
+    let vectors: Vec<Vec<f32>> = slots.into_iter().flatten().collect();
+    let dims = vectors.first().map_or(0, Vec::len);
+    if vectors.iter().any(|v| v.len() != dims) {
+        return bad("embeddings of different lengths".to_owned());
+    }
+    if let Some(wanted) = dimensions.filter(|w| *w as usize != dims) {
+        return bad(format!("{dims} dimensions, {wanted} requested"));
+    }
+    Ok(Embeddings {
+        vectors,
+        prompt_tokens: parsed.usage.map(|u| u.prompt_tokens),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(v: &[f32]) -> String {
+        let raw: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    }
+
+    #[test]
+    fn accepts_base64_and_floats_in_any_index_order() {
+        let body = format!(
+            r#"{{"data":[{{"index":1,"embedding":[0.5,1.0]}},{{"index":0,"embedding":"{}"}}],"usage":{{"prompt_tokens":9}}}}"#,
+            b64(&[0.25, -2.0])
+        );
+        let e = check_response(body.as_bytes(), 2, Some(2)).expect("valid");
+        assert_eq!(e.vectors, vec![vec![0.25, -2.0], vec![0.5, 1.0]]);
+        assert_eq!(e.prompt_tokens, Some(9));
+    }
+
+    #[test]
+    fn rejects_broken_answers() {
+        let cases = [
+            r#"{"data":[{"index":0,"embedding":[1.0]}]}"#, // count
+            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":0,"embedding":[1.0]}]}"#, // dup
+            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":2,"embedding":[1.0]}]}"#, // range
+            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":1,"embedding":[1.0,2.0]}]}"#, // dims
+            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":1,"embedding":[1e39]}]}"#, // inf
+            r#"{"data":[{"index":0,"embedding":[]},{"index":1,"embedding":[]}]}"#, // empty
+            r#"{"data":[{"index":0,"embedding":"@@"},{"index":1,"embedding":[1.0]}]}"#, // b64
+            r#"<html>bad gateway</html>"#,
+        ];
+        for body in cases {
+            assert!(
+                matches!(
+                    check_response(body.as_bytes(), 2, None),
+                    Err(UpstreamError::InvalidResponse(_))
+                ),
+                "{body}"
+            );
+        }
+        let ok = r#"{"data":[{"index":0,"embedding":[1.0]},{"index":1,"embedding":[1.0]}]}"#;
+        assert!(check_response(ok.as_bytes(), 2, Some(2)).is_err());
+    }
+
+    #[test]
+    fn reads_retry_after() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("2"));
+        let e = UpstreamError::Vendor {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            body: Bytes::new(),
+            headers: headers.clone(),
+        };
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(2)));
+        assert!(e.is_retryable());
+        headers.insert("retry-after-ms", HeaderValue::from_static("150"));
+        let e = UpstreamError::Vendor {
+            status: StatusCode::BAD_REQUEST,
+            body: Bytes::new(),
+            headers,
+        };
+        assert_eq!(e.retry_after(), Some(Duration::from_millis(150)));
+        assert!(!e.is_retryable());
+    }
+}

@@ -1,0 +1,265 @@
+//! Shared harness: a gateway served on a free loopback port, against the real
+//! Redis (its own key prefix per test) and the fake vendor.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use embgate::config::Settings;
+use embgate::key::{KeyHash, KeyScope};
+use embgate::protocol::Input;
+use fake_vendor::{FakeVendor, InputItem};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub const KEY: &str = "sk-test-0001";
+pub const SMALL: &str = "text-embedding-3-small";
+
+pub fn redis_url() -> String {
+    std::env::var("EMBGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A key prefix no other test (or run) uses.
+pub fn unique_prefix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "embgate-test-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
+    )
+}
+
+pub struct TestGateway {
+    pub url: String,
+    pub vendor: FakeVendor,
+    pub prefix: String,
+    pub settings: Settings,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        Self::start_with(FakeVendor::start().await, &[]).await
+    }
+
+    /// Starts a gateway in front of `vendor`; `env` overrides settings as
+    /// `EMBGATE__*` variables would.
+    pub async fn start_with(vendor: FakeVendor, env: &[(&str, &str)]) -> TestGateway {
+        let prefix = unique_prefix();
+        let mut vars: HashMap<String, String> = HashMap::from([
+            ("EMBGATE__LISTEN".into(), "127.0.0.1:0".into()),
+            ("EMBGATE__STORE__URL".into(), redis_url()),
+            ("EMBGATE__STORE__KEY_PREFIX".into(), prefix.clone()),
+            // Generous: the shared test machine may be busy.
+            ("EMBGATE__STORE__TIMEOUT_MS".into(), "2000".into()),
+            ("EMBGATE__UPSTREAM__BASE_URL".into(), vendor.base_url()),
+        ]);
+        for (k, v) in env {
+            vars.insert((*k).into(), (*v).into());
+        }
+        let settings = Settings::load_from(None, Some(vars)).expect("test settings");
+        let gateway = embgate::Gateway::new(&settings).expect("gateway");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            let _ = gateway
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        TestGateway {
+            url,
+            vendor,
+            prefix,
+            settings,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client"),
+            shutdown: Some(tx),
+            served: Some(served),
+        }
+    }
+
+    /// POST /v1/embeddings with the test key.
+    pub async fn post(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/embeddings", self.url))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
+    /// POST and expect 200; returns (cache header, body).
+    pub async fn embed(&self, body: &Value) -> (String, Value) {
+        let response = self.post(body).await;
+        let status = response.status();
+        let cache = header(&response, "x-embgate-cache");
+        let json: Value = response.json().await.expect("json body");
+        assert_eq!(status, 200, "unexpected answer: {json}");
+        (cache, json)
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of one sample, e.g. `embgate_cache_saved_tokens_total{model="m"}`;
+    /// 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
+    }
+
+    /// The Redis key the gateway uses for `input`.
+    pub fn redis_key(&self, model: &str, dimensions: Option<u32>, input: &Input) -> String {
+        key_hash(&self.vendor.base_url(), model, dimensions, input).redis_key(&self.prefix)
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis_url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+
+    /// Every key under this gateway's prefix.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut conn = self.redis().await;
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("scan");
+            keys.extend(batch);
+            if next == 0 {
+                return keys;
+            }
+            cursor = next;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.served.take() {
+            task.abort();
+        }
+        delete_prefix(&self.prefix);
+    }
+}
+
+/// Removes a test's keys (never FLUSHALL: other tests share the server).
+pub fn delete_prefix(prefix: &str) {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_connection() else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query(&mut conn)
+        .unwrap_or_default();
+    for chunk in keys.chunks(500) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+    }
+}
+
+pub fn key_hash(namespace: &str, model: &str, dimensions: Option<u32>, input: &Input) -> KeyHash {
+    KeyScope {
+        namespace: namespace.trim_end_matches('/'),
+        model,
+        dimensions,
+        extra: &[],
+    }
+    .hasher()
+    .key(input)
+}
+
+pub fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The vendor's vector for a text input.
+pub fn vendor_vector(model: &str, dimensions: Option<u32>, input: &InputItem) -> Vec<f32> {
+    fake_vendor::embedding(model, dimensions, input).expect("known model")
+}
+
+pub fn text(s: &str) -> InputItem {
+    InputItem::Text(s.to_owned())
+}
+
+/// Reads one response item as f32s, whichever encoding it came in.
+pub fn vector_of(item: &Value) -> Vec<f32> {
+    match &item["embedding"] {
+        Value::String(b64) => {
+            use base64::Engine as _;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .expect("base64");
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }
+        Value::Array(values) => values
+            .iter()
+            .map(|v| v.as_f64().expect("number") as f32)
+            .collect(),
+        other => panic!("not an embedding: {other}"),
+    }
+}
+
+pub fn vectors(body: &Value) -> Vec<Vec<f32>> {
+    let data = body["data"].as_array().expect("data array");
+    data.iter()
+        .enumerate()
+        .map(|(i, item)| {
+            assert_eq!(item["index"], i, "items in order");
+            vector_of(item)
+        })
+        .collect()
+}
