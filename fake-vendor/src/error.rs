@@ -3,7 +3,8 @@
 use axum::http::header::{CONTENT_TYPE, HeaderName};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 /// `{"error":{"message","type","param","code"}}` with a status.
 #[derive(Debug, Clone)]
@@ -49,15 +50,29 @@ impl ApiError {
         self
     }
 
-    pub fn body(&self) -> Value {
-        json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        })
+    /// The JSON body, keys in the vendor's order.
+    pub fn body(&self) -> String {
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<&'a str>,
+            code: &'a Value,
+        }
+        let envelope = Envelope {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param,
+                code: &self.code,
+            },
+        };
+        serde_json::to_string(&envelope).unwrap_or_default()
     }
 
     pub fn missing_key() -> Self {
@@ -163,7 +178,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, json_headers(), self.body().to_string()).into_response();
+        let mut response = (self.status, json_headers(), self.body()).into_response();
         for (name, value) in self.headers {
             response.headers_mut().insert(name, value);
         }

@@ -11,6 +11,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::Shared;
@@ -33,7 +34,21 @@ const CHUNK_INTERVAL: Duration = Duration::from_millis(30);
 
 const FINGERPRINT: &str = "fp_fakevendor";
 
-fn models() -> Vec<Value> {
+#[derive(Serialize)]
+struct Model {
+    id: &'static str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+#[derive(Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: Vec<Model>,
+}
+
+fn models() -> Vec<Model> {
     let embedding = EMBEDDING_MODELS
         .iter()
         .map(|m| (m.id, m.created, m.owned_by));
@@ -42,14 +57,18 @@ fn models() -> Vec<Value> {
         .map(|&(id, created)| (id, created, "openai"));
     embedding
         .chain(chat)
-        .map(|(id, created, owned_by)| {
-            json!({"id": id, "object": "model", "created": created, "owned_by": owned_by})
+        .map(|(id, created, owned_by)| Model {
+            id,
+            object: "model",
+            created,
+            owned_by,
         })
         .collect()
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response {
-    (status, json_headers(), value.to_string()).into_response()
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
+    let body = serde_json::to_string(value).unwrap_or_default();
+    (status, json_headers(), body).into_response()
 }
 
 fn finish(mut response: Response, shared: &Shared, started: Instant) -> Response {
@@ -60,7 +79,13 @@ fn finish(mut response: Response, shared: &Shared, started: Instant) -> Response
 pub(crate) async fn list_models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let started = Instant::now();
     let response = match check_auth(&headers, shared.valid_keys()) {
-        Ok(()) => json_response(StatusCode::OK, &json!({"object": "list", "data": models()})),
+        Ok(()) => json_response(
+            StatusCode::OK,
+            &ModelList {
+                object: "list",
+                data: models(),
+            },
+        ),
         Err(e) => e.into_response(),
     };
     finish(response, &shared, started)
@@ -74,7 +99,7 @@ pub(crate) async fn get_model(
     let started = Instant::now();
     let response = match check_auth(&headers, shared.valid_keys()) {
         Err(e) => e.into_response(),
-        Ok(()) => match models().into_iter().find(|m| m["id"] == id.as_str()) {
+        Ok(()) => match models().into_iter().find(|m| m.id == id) {
             Some(model) => json_response(StatusCode::OK, &model),
             None => ApiError::model_not_found(&id).into_response(),
         },
