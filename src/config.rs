@@ -29,6 +29,11 @@ max_concurrency = 4
 max_retries = 4
 retry_deadline_secs = 60
 
+[coalesce]
+distributed = false
+lease_ms = 10000
+poll_ms = 20
+
 [limits]
 max_body_bytes = 67108864
 max_inputs = 2048
@@ -47,6 +52,7 @@ pub struct Settings {
     pub store: StoreSettings,
     pub upstream: UpstreamSettings,
     pub limits: LimitSettings,
+    pub coalesce: CoalesceSettings,
     /// USD per 1M input tokens, by model name.
     pub prices: HashMap<String, f64>,
 }
@@ -72,6 +78,17 @@ pub struct UpstreamSettings {
     pub max_concurrency: usize,
     pub max_retries: u32,
     pub retry_deadline_secs: u64,
+}
+
+/// Concurrent misses on one key are always fetched once per process; with
+/// `distributed`, once per fleet of gateways sharing a Redis.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CoalesceSettings {
+    pub distributed: bool,
+    /// How long another instance may hold a key's fetch before we fetch too.
+    pub lease_ms: u64,
+    /// How often a waiting instance looks for the entry.
+    pub poll_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +157,9 @@ impl Settings {
             || self.upstream.max_concurrency == 0
         {
             return invalid("upstream.max_*", "batch limits must be positive");
+        }
+        if self.coalesce.lease_ms == 0 || self.coalesce.poll_ms == 0 {
+            return invalid("coalesce", "lease_ms and poll_ms must be positive");
         }
         if self.limits.max_inputs == 0 || self.limits.max_body_bytes == 0 {
             return invalid("limits", "limits must be positive");

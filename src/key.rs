@@ -85,6 +85,11 @@ impl KeyHash {
         key.push_str(hex.as_str());
         key
     }
+
+    /// The key of the short lease a gateway holds while fetching this entry.
+    pub fn lease_key(&self, prefix: &str) -> String {
+        format!("{prefix}:lease:{}", blake3::Hash::from(self.0).to_hex())
+    }
 }
 
 #[cfg(test)]

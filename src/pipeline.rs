@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -17,7 +18,7 @@ use crate::inflight::{self, Claim, Inflight, Promise};
 use crate::key::{KeyHash, KeyScope};
 use crate::metrics::Metrics;
 use crate::protocol::{EmbeddingRequest, Input};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::tokens;
 use crate::upstream::{CallerAuth, EmbedCall, Upstream, UpstreamError};
 
@@ -75,6 +76,7 @@ pub struct Embedder {
     key_prefix: String,
     batch: BatchLimits,
     inflight: Arc<Inflight>,
+    fleet: Option<FleetSettings>,
     /// Fetches run as tasks so a caller hanging up never wastes a paid
     /// answer: it is still stored and shared with waiters.
     tasks: TaskTracker,
@@ -88,11 +90,36 @@ struct Miss {
     input: usize,
 }
 
-/// What a fetch produced: entries by slot and the tokens billed.
+/// What resolving misses produced, by slot.
 #[derive(Default)]
 struct Fetched {
+    /// Fetched from the vendor by this request, and paid for.
     entries: Vec<(usize, Entry)>,
+    /// Fetched by someone else (another request or gateway) meanwhile.
+    shared: Vec<(usize, Entry)>,
     billed_tokens: u64,
+}
+
+impl Fetched {
+    fn absorb(&mut self, other: Fetched) {
+        self.entries.extend(other.entries);
+        self.shared.extend(other.shared);
+        self.billed_tokens += other.billed_tokens;
+    }
+}
+
+/// Keys this instance holds the fleet lease for, with their items.
+struct Leased {
+    items: Vec<(Miss, Promise)>,
+    leases: Vec<String>,
+}
+
+/// Coalescing across gateway instances through Redis leases.
+struct FleetSettings {
+    /// Identifies this process as a lease holder.
+    token: String,
+    lease: Duration,
+    poll: Duration,
 }
 
 impl Embedder {
@@ -114,6 +141,11 @@ impl Embedder {
                 concurrency: settings.upstream.max_concurrency,
             },
             inflight: Arc::new(Inflight::default()),
+            fleet: settings.coalesce.distributed.then(|| FleetSettings {
+                token: format!("{:032x}", rand::random::<u128>()),
+                lease: Duration::from_millis(settings.coalesce.lease_ms),
+                poll: Duration::from_millis(settings.coalesce.poll_ms),
+            }),
             tasks: TaskTracker::new(),
         }
     }
@@ -144,7 +176,8 @@ impl Embedder {
         // Key every input; duplicates share one slot.
         let hasher = KeyScope::of(self.upstream.base_url(), &req).hasher();
         let mut slot_of: HashMap<KeyHash, usize> = HashMap::with_capacity(req.inputs.len());
-        let mut slots: Vec<(KeyHash, usize)> = Vec::with_capacity(req.inputs.len());
+        let mut hashes: Vec<KeyHash> = Vec::with_capacity(req.inputs.len());
+        let mut first_input: Vec<usize> = Vec::with_capacity(req.inputs.len());
         let input_slots: Vec<usize> = req
             .inputs
             .iter()
@@ -152,53 +185,52 @@ impl Embedder {
             .map(|(i, input)| match slot_of.entry(hasher.key(input)) {
                 hash_map::Entry::Occupied(o) => *o.get(),
                 hash_map::Entry::Vacant(v) => {
-                    slots.push((*v.key(), i));
-                    *v.insert(slots.len() - 1)
+                    hashes.push(*v.key());
+                    first_input.push(i);
+                    *v.insert(hashes.len() - 1)
                 }
             })
             .collect();
 
-        let mut found = self.lookup(&slots, req.dimensions).await;
+        let mut found = self.lookup(&hashes, req.dimensions, false).await;
         let misses: Vec<Miss> = found
             .iter()
             .enumerate()
             .filter(|(_, e)| e.is_none())
             .map(|(slot, _)| Miss {
                 slot,
-                hash: slots[slot].0,
-                input: slots[slot].1,
+                hash: hashes[slot],
+                input: first_input[slot],
             })
             .collect();
         let model = req.model.as_str();
         self.metrics
             .cache_lookups
             .with_label_values(&[model, "hit"])
-            .inc_by((slots.len() - misses.len()) as u64);
+            .inc_by((hashes.len() - misses.len()) as u64);
         self.metrics
             .cache_lookups
             .with_label_values(&[model, "miss"])
             .inc_by(misses.len() as u64);
 
-        let mut fetched_slots = 0usize;
-        let mut sent_tokens = 0u64;
-        let mut upstream_tokens = 0u64;
+        let mut fetched = Fetched::default();
         if !misses.is_empty() {
-            let (mine, coalesced) = self.resolve_misses(&req, &auth, misses).await?;
-            fetched_slots = mine.entries.len();
-            upstream_tokens = mine.billed_tokens;
-            for (slot, entry) in mine.entries {
-                sent_tokens += u64::from(entry.tokens());
-                found[slot] = Some(entry);
-            }
-            if !coalesced.is_empty() {
+            fetched = self.resolve_misses(&req, &auth, misses).await?;
+            if !fetched.shared.is_empty() {
                 self.metrics
                     .coalesced_inputs
                     .with_label_values(&[model])
-                    .inc_by(coalesced.len() as u64);
+                    .inc_by(fetched.shared.len() as u64);
             }
-            for (slot, entry) in coalesced {
-                found[slot] = Some(entry);
-            }
+        }
+        let fetched_slots = fetched.entries.len();
+        let mut sent_tokens = 0u64;
+        for (slot, entry) in fetched.entries {
+            sent_tokens += u64::from(entry.tokens());
+            found[slot] = Some(entry);
+        }
+        for (slot, entry) in fetched.shared {
+            found[slot] = Some(entry);
         }
 
         let mut entries = Vec::with_capacity(input_slots.len());
@@ -222,36 +254,39 @@ impl Embedder {
         }
         let cache = match fetched_slots {
             0 => CacheStatus::Hit,
-            n if n == slots.len() => CacheStatus::Miss,
+            n if n == hashes.len() => CacheStatus::Miss,
             _ => CacheStatus::Partial,
         };
         Ok(Embedded {
             entries,
             prompt_tokens,
-            upstream_tokens,
+            upstream_tokens: fetched.billed_tokens,
             cache,
         })
     }
 
-    /// One MGET for every distinct key. A failing store is a miss for all,
-    /// and an entry that does not verify is a miss (and gets overwritten).
+    /// One MGET for every key. A failing store is a miss for all, and an
+    /// entry that does not verify is a miss (and gets overwritten). Repeated
+    /// lookups (`again`) do not count the same corrupt entry twice.
     async fn lookup(
         &self,
-        slots: &[(KeyHash, usize)],
+        hashes: &[KeyHash],
         dimensions: Option<u32>,
+        again: bool,
     ) -> Vec<Option<Entry>> {
-        let keys: Vec<String> = slots
+        let keys: Vec<String> = hashes
             .iter()
-            .map(|(h, _)| h.redis_key(&self.key_prefix))
+            .map(|h| h.redis_key(&self.key_prefix))
             .collect();
-        let mut found = vec![None; slots.len()];
+        let mut found = vec![None; hashes.len()];
         match self.store.get_many(&keys).await {
             Ok(values) => {
                 self.metrics.store_up.set(1);
-                for ((slot, value), (hash, _)) in values.into_iter().enumerate().zip(slots) {
+                for ((slot, value), hash) in values.into_iter().enumerate().zip(hashes) {
                     let Some(bytes) = value else { continue };
                     match Entry::decode(hash, bytes, dimensions) {
                         Ok(entry) => found[slot] = Some(entry),
+                        Err(_) if again => {}
                         Err(e) => {
                             self.metrics
                                 .store_errors
@@ -262,23 +297,25 @@ impl Embedder {
                     }
                 }
             }
-            Err(e) => {
-                self.metrics.store_errors.with_label_values(&["get"]).inc();
-                self.metrics.store_up.set(0);
-                tracing::warn!(error = %e, "cache lookup failed; serving from the vendor");
-            }
+            Err(e) => self.store_failed("get", &e),
         }
         found
     }
 
+    fn store_failed(&self, op: &str, e: &StoreError) {
+        self.metrics.store_errors.with_label_values(&[op]).inc();
+        self.metrics.store_up.set(0);
+        tracing::warn!(op, error = %e, "store failed; serving from the vendor");
+    }
+
     /// Fetches the misses this request leads, and waits for the ones other
-    /// requests are already fetching. Returns (fetched here, coalesced).
+    /// requests are already fetching.
     async fn resolve_misses(
         self: &Arc<Self>,
         req: &Arc<EmbeddingRequest>,
         auth: &CallerAuth,
         misses: Vec<Miss>,
-    ) -> Result<(Fetched, Vec<(usize, Entry)>), EmbedError> {
+    ) -> Result<Fetched, EmbedError> {
         let claims = self.inflight.claim(misses.iter().map(|m| m.hash));
         let mut lead = Vec::new();
         let mut follow = Vec::new();
@@ -294,7 +331,7 @@ impl Embedder {
             let req = Arc::clone(req);
             let auth = auth.clone();
             self.tasks
-                .spawn(async move { this.fetch_and_store(&req, &auth, lead).await })
+                .spawn(async move { this.lead(&req, &auth, lead).await })
         });
         let followed = follow
             .into_iter()
@@ -302,7 +339,7 @@ impl Embedder {
             .collect::<FuturesUnordered<_>>()
             .collect::<Vec<_>>();
 
-        let (led, followed) = match leader {
+        let (mut fetched, followed) = match leader {
             Some(handle) => {
                 let (led, followed) = tokio::join!(handle, followed);
                 let led = led.map_err(|e| EmbedError::Internal(format!("fetch task: {e}")))??;
@@ -311,53 +348,153 @@ impl Embedder {
             None => (Fetched::default(), followed.await),
         };
 
-        let mut fetched = led;
-        let mut coalesced = Vec::new();
         let mut orphans = Vec::new();
         for (miss, entry) in followed {
             match entry {
-                Some(entry) => coalesced.push((miss.slot, entry)),
-                None => orphans.push(miss),
+                Some(entry) => fetched.shared.push((miss.slot, entry)),
+                None => orphans.push((miss, None)),
             }
         }
         if !orphans.is_empty() {
             // The leader failed or went away: fetch these ourselves.
-            let own = self.fetch_uncoalesced(req, auth, orphans).await?;
-            fetched.billed_tokens += own.billed_tokens;
-            fetched.entries.extend(own.entries);
+            let own = self.fetch(req, auth, orphans).await?;
+            fetched.absorb(own);
         }
-        Ok((fetched, coalesced))
+        Ok(fetched)
     }
 
-    async fn fetch_uncoalesced(
-        self: &Arc<Self>,
-        req: &EmbeddingRequest,
-        auth: &CallerAuth,
-        misses: Vec<Miss>,
-    ) -> Result<Fetched, UpstreamError> {
-        let items = misses.into_iter().map(|m| (m, None)).collect();
-        self.fetch_and_store_inner(req, auth, items).await
-    }
-
-    async fn fetch_and_store(
+    /// Leads the fetch of keys nobody in this process is fetching.
+    async fn lead(
         &self,
         req: &EmbeddingRequest,
         auth: &CallerAuth,
         lead: Vec<(Miss, Promise)>,
     ) -> Result<Fetched, UpstreamError> {
-        let items = lead.into_iter().map(|(m, p)| (m, Some(p))).collect();
-        self.fetch_and_store_inner(req, auth, items).await
+        // Another request may have stored some of these between our lookup
+        // and our claim; looking again closes that window.
+        let hashes: Vec<KeyHash> = lead.iter().map(|(m, _)| m.hash).collect();
+        let late = self.lookup(&hashes, req.dimensions, true).await;
+        let mut shared = Vec::new();
+        let mut pending = Vec::with_capacity(lead.len());
+        for ((miss, promise), entry) in lead.into_iter().zip(late) {
+            match entry {
+                Some(entry) => {
+                    promise.fulfil(entry.clone());
+                    shared.push((miss.slot, entry));
+                }
+                None => pending.push((miss, promise)),
+            }
+        }
+
+        let mut leases = Vec::new();
+        if let Some(fleet) = &self.fleet {
+            let (ours, from_fleet) = self.wait_for_fleet(fleet, req.dimensions, pending).await;
+            shared.extend(from_fleet);
+            leases = ours.leases;
+            pending = ours.items;
+        }
+
+        let items = pending.into_iter().map(|(m, p)| (m, Some(p))).collect();
+        let result = self.fetch(req, auth, items).await;
+        if let Some(fleet) = &self.fleet
+            && !leases.is_empty()
+            && let Err(e) = self.store.release_leases(&leases, &fleet.token).await
+        {
+            self.store_failed("lease", &e);
+        }
+        let mut fetched = result?;
+        fetched.shared.extend(shared);
+        Ok(fetched)
+    }
+
+    /// Across gateway instances: takes a short Redis lease on each key; keys
+    /// leased by another instance are awaited (polling Redis) until stored,
+    /// or until the lease goes away, when this instance fetches them itself.
+    async fn wait_for_fleet(
+        &self,
+        fleet: &FleetSettings,
+        dimensions: Option<u32>,
+        items: Vec<(Miss, Promise)>,
+    ) -> (Leased, Vec<(usize, Entry)>) {
+        let lease_keys: Vec<String> = items
+            .iter()
+            .map(|(m, _)| m.hash.lease_key(&self.key_prefix))
+            .collect();
+        let won = match self
+            .store
+            .try_leases(&lease_keys, &fleet.token, fleet.lease)
+            .await
+        {
+            Ok(won) => won,
+            Err(e) => {
+                self.store_failed("lease", &e);
+                return (
+                    Leased {
+                        items,
+                        leases: Vec::new(),
+                    },
+                    Vec::new(),
+                );
+            }
+        };
+        let mut ours = Leased {
+            items: Vec::new(),
+            leases: Vec::new(),
+        };
+        let mut theirs = Vec::new();
+        for ((item, key), won) in items.into_iter().zip(lease_keys).zip(won) {
+            if won {
+                ours.items.push(item);
+                ours.leases.push(key);
+            } else {
+                theirs.push((item, key));
+            }
+        }
+
+        let mut shared = Vec::new();
+        let deadline = tokio::time::Instant::now() + fleet.lease;
+        while !theirs.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(fleet.poll).await;
+            let hashes: Vec<KeyHash> = theirs.iter().map(|((m, _), _)| m.hash).collect();
+            let found = self.lookup(&hashes, dimensions, true).await;
+            let mut waiting = Vec::new();
+            for (((miss, promise), key), entry) in theirs.into_iter().zip(found) {
+                match entry {
+                    Some(entry) => {
+                        promise.fulfil(entry.clone());
+                        shared.push((miss.slot, entry));
+                    }
+                    None => waiting.push(((miss, promise), key)),
+                }
+            }
+            let keys: Vec<String> = waiting.iter().map(|(_, k)| k.clone()).collect();
+            let alive = self.store.exist_many(&keys).await.unwrap_or_default();
+            theirs = Vec::new();
+            for (i, (item, key)) in waiting.into_iter().enumerate() {
+                if alive.get(i).copied().unwrap_or(false) {
+                    theirs.push((item, key));
+                } else {
+                    // The other instance gave up (or Redis is failing).
+                    ours.items.push(item);
+                }
+            }
+        }
+        ours.items.extend(theirs.into_iter().map(|(item, _)| item));
+        (ours, shared)
     }
 
     /// Fetches `items` in vendor-sized chunks, stores every vector that came
     /// back valid (even if another chunk failed: it was paid for), then
     /// fulfils the promises.
-    async fn fetch_and_store_inner(
+    async fn fetch(
         &self,
         req: &EmbeddingRequest,
         auth: &CallerAuth,
         items: Vec<(Miss, Option<Promise>)>,
     ) -> Result<Fetched, UpstreamError> {
+        if items.is_empty() {
+            return Ok(Fetched::default());
+        }
         let model = req.model.as_str();
         let exact = self.exact_counts(req, &items).await;
         let weights: Vec<u64> = items
@@ -428,9 +565,7 @@ impl Embedder {
         drop(results);
 
         if let Err(e) = self.store.put_many(&writes).await {
-            self.metrics.store_errors.with_label_values(&["set"]).inc();
-            self.metrics.store_up.set(0);
-            tracing::warn!(error = %e, entries = writes.len(), "cache write failed");
+            self.store_failed("set", &e);
         }
 
         // Publish after storing, so a request arriving once a promise is gone

@@ -92,7 +92,7 @@ pub fn parse_request(body: &[u8], limits: Limits) -> Result<EmbeddingRequest, In
     };
 
     let inputs = match fields.input {
-        Some(raw) => parse_inputs(raw)?,
+        Some(raw) => parse_inputs(&raw)?,
         None => return Err(invalid(Some("input"), "'input' is a required property")),
     };
     if inputs.len() > limits.max_inputs {
@@ -215,7 +215,7 @@ impl<'de> Deserialize<'de> for Fields {
     }
 }
 
-fn parse_inputs(raw: Box<RawValue>) -> Result<Vec<Input>, InvalidRequest> {
+fn parse_inputs(raw: &RawValue) -> Result<Vec<Input>, InvalidRequest> {
     let parsed: InputField = serde_json::from_str(raw.get())
         .map_err(|e| invalid(Some("input"), format!("'$.input' is invalid: {e}")))?;
     let inputs = parsed.0.map_err(|m| invalid(Some("input"), m))?;

@@ -70,6 +70,67 @@ impl Store {
         bounded(self.write_timeout, cmd.query_async::<()>(&mut conn)).await
     }
 
+    /// Takes each lease that nobody holds (SET NX PX); true where taken.
+    pub async fn try_leases(
+        &self,
+        keys: &[String],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis() as u64);
+        }
+        let mut conn = self.conn.clone();
+        let answers: Vec<Option<String>> =
+            bounded(self.read_timeout, pipe.query_async(&mut conn)).await?;
+        Ok(answers.into_iter().map(|a| a.is_some()).collect())
+    }
+
+    /// Releases the leases still held with `token` (never someone else's).
+    pub async fn release_leases(&self, keys: &[String], token: &str) -> Result<(), StoreError> {
+        let script = redis::Script::new(
+            r"local n = 0
+              for _, k in ipairs(KEYS) do
+                if redis.call('GET', k) == ARGV[1] then n = n + redis.call('DEL', k) end
+              end
+              return n",
+        );
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation.arg(token);
+        let mut conn = self.conn.clone();
+        bounded(
+            self.write_timeout,
+            invocation.invoke_async::<i64>(&mut conn),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Whether each key exists.
+    pub async fn exist_many(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("EXISTS").arg(key);
+        }
+        let mut conn = self.conn.clone();
+        bounded(self.read_timeout, pipe.query_async(&mut conn)).await
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         bounded(

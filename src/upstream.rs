@@ -23,7 +23,8 @@ pub enum UpstreamError {
     Vendor {
         status: StatusCode,
         body: Bytes,
-        headers: HeaderMap,
+        /// Boxed: errors travel through every `Result` on the miss path.
+        headers: Box<HeaderMap>,
     },
     #[error("vendor unreachable: {0}")]
     Transport(String),
@@ -215,7 +216,7 @@ impl Upstream {
             return Err(UpstreamError::Vendor {
                 status,
                 body: bytes,
-                headers,
+                headers: Box::new(headers),
             });
         }
         check_response(&bytes, call.inputs.len(), call.dimensions)
@@ -410,7 +411,7 @@ mod tests {
         let e = UpstreamError::Vendor {
             status: StatusCode::TOO_MANY_REQUESTS,
             body: Bytes::new(),
-            headers: headers.clone(),
+            headers: Box::new(headers.clone()),
         };
         assert_eq!(e.retry_after(), Some(Duration::from_secs(2)));
         assert!(e.is_retryable());
@@ -418,7 +419,7 @@ mod tests {
         let e = UpstreamError::Vendor {
             status: StatusCode::BAD_REQUEST,
             body: Bytes::new(),
-            headers,
+            headers: Box::new(headers),
         };
         assert_eq!(e.retry_after(), Some(Duration::from_millis(150)));
         assert!(!e.is_retryable());

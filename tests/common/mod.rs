@@ -61,6 +61,7 @@ impl TestGateway {
             vars.insert((*k).into(), (*v).into());
         }
         let settings = Settings::load_from(None, Some(vars)).expect("test settings");
+        let prefix = settings.store.key_prefix.clone();
         let gateway = embgate::Gateway::new(&settings).expect("gateway");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -85,6 +86,16 @@ impl TestGateway {
                 .expect("client"),
             shutdown: Some(tx),
             served: Some(served),
+        }
+    }
+
+    /// Starts graceful shutdown; returns when serving has finished.
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.served.take() {
+            let _ = task.await;
         }
     }
 
@@ -262,4 +273,70 @@ pub fn vectors(body: &Value) -> Vec<Vec<f32>> {
             vector_of(item)
         })
         .collect()
+}
+
+/// A redis-server of the test's own, on a free loopback port, so it can be
+/// killed and restarted without touching the shared one.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut redis = OwnRedis { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A connection for inspecting this server.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connects")
+    }
+
+    /// Starts (again) on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if redis::Client::open(self.url())
+                .and_then(|c| c.get_connection())
+                .is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
