@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Checks the operations files against a running gateway:
+#  - .env.example lists every setting of src/config.rs with its default, and
+#    docker-compose.yml passes each one on (.ci/env_check.py);
 #  - docker-compose.yml parses (docker compose / docker-compose config -q);
 #  - deploy/prometheus/prometheus.yml parses (promtool);
 #  - dashboards/embgate.json is importable, and every PromQL expression in it
@@ -68,7 +70,13 @@ wait_for() {
   done
 }
 
-# ---- the compose file ------------------------------------------------------
+# ---- .env.example and the compose file --------------------------------------
+python3 .ci/env_check.py >"$WORK/env.out" || {
+  cat "$WORK/env.out"
+  die ".env.example or docker-compose.yml does not follow src/config.rs DEFAULTS"
+}
+log ".env.example: every setting of src/config.rs, with its default"
+
 compose=()
 if docker compose version >/dev/null 2>&1; then
   compose=(docker compose)

@@ -7,7 +7,8 @@ expression in it parses and returns data from a live Prometheus.
 
 Grafana variables are replaced before a query is sent: $__rate_interval by
 1m, $__range by 5m, each template variable by `.*` (its "All" value).
-Prints one line per check (OK/FAIL) and exits 1 if any failed.
+Prints one line per check (OK/FAIL, or SKIP for an empty result allowed by
+--allow-empty) and exits 1 if any failed.
 Standard library only.
 """
 
@@ -37,6 +38,7 @@ class Report:
     def __init__(self):
         self.failed = 0
         self.passed = 0
+        self.skipped = 0
 
     def ok(self, what, detail=""):
         self.passed += 1
@@ -45,6 +47,10 @@ class Report:
     def fail(self, what, detail):
         self.failed += 1
         print(f"FAIL  {what}  ({detail})")
+
+    def skip(self, what, detail):
+        self.skipped += 1
+        print(f"SKIP  {what}  ({detail})")
 
     def check(self, cond, what, detail):
         if cond:
@@ -256,7 +262,7 @@ def empty(report, what, missing, allow_empty):
     if missing:
         detail += "; no series of " + ", ".join(missing)
     if allow_empty and allow_empty.search(what):
-        report.ok(what, detail + "; allowed by --allow-empty")
+        report.skip(what, detail + "; allowed by --allow-empty")
     else:
         report.fail(what, detail)
 
@@ -287,7 +293,10 @@ def main():
     if args.prometheus:
         allow = re.compile(args.allow_empty) if args.allow_empty else None
         run_queries(Prometheus(args.prometheus), variables, panels, report, allow)
-    print(f"{report.passed} passed, {report.failed} failed")
+    summary = f"{report.passed} passed, {report.failed} failed"
+    if report.skipped:
+        summary += f", {report.skipped} skipped"
+    print(summary)
     return 1 if report.failed else 0
 
 
