@@ -29,6 +29,10 @@ max_concurrency = 4
 max_retries = 4
 retry_deadline_secs = 60
 
+[auth]
+mode = "auto"
+verify_ttl_secs = 300
+
 [coalesce]
 distributed = false
 lease_ms = 10000
@@ -53,6 +57,10 @@ pub struct Settings {
     pub upstream: UpstreamSettings,
     pub limits: LimitSettings,
     pub coalesce: CoalesceSettings,
+    pub auth: AuthSettings,
+    /// More vendors, by name, each serving the models it lists.
+    #[serde(default)]
+    pub upstreams: HashMap<String, NamedUpstream>,
     /// USD per 1M input tokens, by model name.
     pub prices: HashMap<String, f64>,
 }
@@ -78,6 +86,69 @@ pub struct UpstreamSettings {
     pub max_concurrency: usize,
     pub max_retries: u32,
     pub retry_deadline_secs: u64,
+}
+
+/// Who may use the gateway, and whose vendor key pays.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    /// Forward mode: how long the vendor's verdict on a key is remembered.
+    pub verify_ttl_secs: u64,
+    /// Gateway mode: client keys by tenant name.
+    #[serde(default)]
+    pub tenants: HashMap<String, TenantSettings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// `forward` when `upstream.api_key` is empty, else `open`.
+    Auto,
+    /// Callers bring their own vendor key; it is verified with the vendor
+    /// (even for a full hit) and used for their misses.
+    Forward,
+    /// Callers present keys listed under `auth.tenants`; the gateway's own
+    /// vendor keys pay.
+    Gateway,
+    /// No caller authentication; the gateway's vendor key pays.
+    Open,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TenantSettings {
+    /// Hex SHA-256 of the client key (`embgate hash-key KEY` prints it).
+    pub key_sha256: String,
+    /// Keep this tenant's cache entries apart from everyone else's.
+    #[serde(default)]
+    pub isolated: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// OpenAI and compatible APIs (Mistral, Together, Voyage, Ollama, TEI...).
+    #[default]
+    Openai,
+    /// Azure OpenAI: deployment paths, `api-version`, `api-key` header.
+    Azure,
+}
+
+/// An extra vendor; timeouts, retries and batch limits come from `[upstream]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedUpstream {
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: String,
+    #[serde(default)]
+    pub flavour: Flavour,
+    /// Comma-separated model names it serves; `name*` matches a prefix.
+    pub models: String,
+    /// Azure: the `api-version` query parameter.
+    #[serde(default)]
+    pub api_version: String,
+    /// Azure: deployment name by model (default: the model name).
+    #[serde(default)]
+    pub deployments: HashMap<String, String>,
 }
 
 /// Concurrent misses on one key are always fetched once per process; with
@@ -161,6 +232,41 @@ impl Settings {
         if self.coalesce.lease_ms == 0 || self.coalesce.poll_ms == 0 {
             return invalid("coalesce", "lease_ms and poll_ms must be positive");
         }
+        for (name, u) in &self.upstreams {
+            if reqwest::Url::parse(&u.base_url).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "upstreams",
+                    reason: format!("{name}: base_url is not a URL"),
+                });
+            }
+            if u.flavour == Flavour::Azure && u.api_version.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "upstreams",
+                    reason: format!("{name}: an azure upstream needs api_version"),
+                });
+            }
+        }
+        if self.auth_mode() == AuthMode::Gateway {
+            if self.auth.tenants.is_empty() {
+                return invalid("auth.tenants", "gateway mode needs at least one tenant key");
+            }
+            if self.upstream.api_key.is_empty()
+                || self.upstreams.values().any(|u| u.api_key.is_empty())
+            {
+                return invalid(
+                    "upstream.api_key",
+                    "gateway mode needs the gateway's own vendor key on every upstream",
+                );
+            }
+            if let Some((name, _)) = self.auth.tenants.iter().find(|(_, t)| {
+                t.key_sha256.len() != 64 || !t.key_sha256.chars().all(|c| c.is_ascii_hexdigit())
+            }) {
+                return Err(ConfigError::Invalid {
+                    key: "auth.tenants",
+                    reason: format!("{name}: key_sha256 must be 64 hex digits"),
+                });
+            }
+        }
         if self.limits.max_inputs == 0 || self.limits.max_body_bytes == 0 {
             return invalid("limits", "limits must be positive");
         }
@@ -175,6 +281,15 @@ impl Settings {
             });
         }
         Ok(())
+    }
+
+    /// The mode in force, with `auto` resolved.
+    pub fn auth_mode(&self) -> AuthMode {
+        match self.auth.mode {
+            AuthMode::Auto if self.upstream.api_key.is_empty() => AuthMode::Forward,
+            AuthMode::Auto => AuthMode::Open,
+            mode => mode,
+        }
     }
 
     /// The vendor key the gateway itself holds, if any.

@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::auth::AuthError;
 use crate::pipeline::EmbedError;
 use crate::protocol::InvalidRequest;
 use crate::upstream::UpstreamError;
@@ -21,6 +22,8 @@ pub enum ApiError {
     NotFound(String),
     #[error(transparent)]
     Embed(#[from] EmbedError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("{0}")]
     Unavailable(String),
 }
@@ -107,6 +110,21 @@ impl IntoResponse for ApiError {
                 None,
             ),
             ApiError::Embed(EmbedError::Upstream(e)) => upstream_error(e),
+            ApiError::Auth(AuthError::Vendor(e)) => upstream_error(e),
+            ApiError::Auth(AuthError::Missing) => openai_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                &message,
+                None,
+                None,
+            ),
+            ApiError::Auth(AuthError::Rejected(_)) => openai_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                &message,
+                None,
+                Some("invalid_api_key"),
+            ),
             ApiError::Embed(EmbedError::Internal(_)) => openai_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",

@@ -4,6 +4,7 @@
 //! A request flows `routes` -> `protocol` (parse) -> `pipeline` (`key`,
 //! `store`, `inflight`, `upstream`, `entry`) -> `protocol` (write).
 
+pub mod auth;
 pub mod config;
 pub mod entry;
 pub mod error;
@@ -22,13 +23,14 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::auth::Auth;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::pipeline::Embedder;
 use crate::protocol::Limits;
 use crate::routes::AppState;
 use crate::store::Store;
-use crate::upstream::Upstream;
+use crate::upstream::Upstreams;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -58,15 +60,16 @@ impl Gateway {
     pub fn new(settings: &Settings) -> Result<Gateway, StartupError> {
         let metrics = Arc::new(Metrics::new()?);
         let store = Store::connect_lazy(&settings.store)?;
-        let upstream = Upstream::new(&settings.upstream, Arc::clone(&metrics))
-            .map_err(StartupError::Upstream)?;
+        let upstreams = Upstreams::new(settings, &metrics).map_err(StartupError::Upstream)?;
+        let auth = Arc::new(Auth::new(settings).map_err(StartupError::Upstream)?);
         let embedder = Arc::new(Embedder::new(
             settings,
             store,
-            upstream,
+            upstreams,
             Arc::clone(&metrics),
         ));
         let state = AppState {
+            auth,
             embedder: Arc::clone(&embedder),
             metrics: Arc::clone(&metrics),
             limits: Limits {
@@ -111,7 +114,8 @@ pub async fn run(
         })?;
     tracing::info!(
         listen = %settings.listen,
-        upstream = %gateway.embedder.upstream().base_url(),
+        upstream = %gateway.embedder.upstreams().default().base_url(),
+        auth = ?settings.auth_mode(),
         "embgate serving"
     );
     gateway

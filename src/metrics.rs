@@ -21,6 +21,10 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub store_up: IntGauge,
     pub coalesced_inputs: IntCounterVec,
+    pub tenant_requests: IntCounterVec,
+    pub tenant_saved_tokens: IntCounterVec,
+    pub tenant_saved_usd: CounterVec,
+    pub tenant_spent_usd: CounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -116,6 +120,26 @@ impl Metrics {
                 "embgate_coalesced_inputs_total",
                 "Missed inputs served by another request's in-flight upstream fetch, by model.",
                 &["model"],
+            )?,
+            tenant_requests: int_counter(
+                "embgate_tenant_requests_total",
+                "Embeddings requests, by tenant (the gateway key's name; `default` otherwise).",
+                &["tenant"],
+            )?,
+            tenant_saved_tokens: int_counter(
+                "embgate_tenant_saved_tokens_total",
+                "Input tokens answered without paying the vendor, by tenant and model.",
+                &["tenant", "model"],
+            )?,
+            tenant_saved_usd: counter(
+                "embgate_tenant_saved_usd_total",
+                "US dollars not spent thanks to the cache, by tenant and model.",
+                &["tenant", "model"],
+            )?,
+            tenant_spent_usd: counter(
+                "embgate_tenant_spent_usd_total",
+                "US dollars spent at the vendor, by tenant and model.",
+                &["tenant", "model"],
             )?,
             registry,
         })

@@ -23,7 +23,11 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
-    let upstream = state.embedder.upstream();
+    let caller = match state.auth.identify(req.headers()) {
+        Ok(caller) => caller,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let upstream = state.embedder.upstreams().default();
     let path = req.uri().path();
     let Some(rest) = path
         .strip_prefix("/v1")
@@ -39,8 +43,11 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
 
     let (parts, body) = req.into_parts();
     let mut headers = end_to_end(&parts.headers);
-    if let Some(auth) = upstream.authorization(parts.headers.get(header::AUTHORIZATION)) {
-        headers.insert(header::AUTHORIZATION, auth.clone());
+    // Whatever key the caller presented, the vendor gets the one that pays.
+    headers.remove(header::AUTHORIZATION);
+    headers.remove("api-key");
+    if let Some((name, value)) = upstream.credential(caller.key.as_ref()) {
+        headers.insert(name, value);
     }
     let sent = upstream
         .http()

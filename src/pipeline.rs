@@ -8,10 +8,12 @@ use std::collections::hash_map;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::HeaderMap;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Caller;
 use crate::config::Settings;
 use crate::entry::Entry;
 use crate::inflight::{self, Claim, Inflight, Promise};
@@ -20,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{EmbeddingRequest, Input};
 use crate::store::{Store, StoreError};
 use crate::tokens;
-use crate::upstream::{CallerAuth, EmbedCall, Upstream, UpstreamError};
+use crate::upstream::{CallerAuth, EmbedCall, Upstream, UpstreamError, Upstreams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -49,6 +51,32 @@ impl CacheStatus {
     }
 }
 
+/// Who a request is for, and where its misses go.
+#[derive(Clone)]
+pub struct CallContext {
+    pub upstream: Arc<Upstream>,
+    pub auth: CallerAuth,
+    pub tenant: Arc<str>,
+    /// Cache-key namespace: the upstream's, plus the tenant's when isolated.
+    pub namespace: String,
+}
+
+impl CallContext {
+    pub fn new(upstream: Arc<Upstream>, caller: Caller, model: &str, headers: &HeaderMap) -> Self {
+        let mut namespace = upstream.namespace(model);
+        if caller.isolated {
+            namespace.push_str("\0tenant:");
+            namespace.push_str(&caller.tenant);
+        }
+        CallContext {
+            auth: CallerAuth::new(caller.key, headers),
+            upstream,
+            tenant: caller.tenant,
+            namespace,
+        }
+    }
+}
+
 /// The result of embedding one request.
 pub struct Embedded {
     /// One entry per request input, in the caller's order.
@@ -70,7 +98,7 @@ struct BatchLimits {
 
 pub struct Embedder {
     store: Store,
-    upstream: Upstream,
+    upstreams: Upstreams,
     metrics: Arc<Metrics>,
     prices: HashMap<String, f64>,
     key_prefix: String,
@@ -126,12 +154,12 @@ impl Embedder {
     pub fn new(
         settings: &Settings,
         store: Store,
-        upstream: Upstream,
+        upstreams: Upstreams,
         metrics: Arc<Metrics>,
     ) -> Self {
         Embedder {
             store,
-            upstream,
+            upstreams,
             metrics,
             prices: settings.prices.clone(),
             key_prefix: settings.store.key_prefix.clone(),
@@ -154,8 +182,8 @@ impl Embedder {
         &self.store
     }
 
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
     /// Waits for fetches still storing their results (graceful shutdown).
@@ -171,10 +199,14 @@ impl Embedder {
     pub async fn embed(
         self: &Arc<Self>,
         req: Arc<EmbeddingRequest>,
-        auth: CallerAuth,
+        ctx: CallContext,
     ) -> Result<Embedded, EmbedError> {
+        self.metrics
+            .tenant_requests
+            .with_label_values(&[&*ctx.tenant])
+            .inc();
         // Key every input; duplicates share one slot.
-        let hasher = KeyScope::of(self.upstream.base_url(), &req).hasher();
+        let hasher = KeyScope::of(&ctx.namespace, &req).hasher();
         let mut slot_of: HashMap<KeyHash, usize> = HashMap::with_capacity(req.inputs.len());
         let mut hashes: Vec<KeyHash> = Vec::with_capacity(req.inputs.len());
         let mut first_input: Vec<usize> = Vec::with_capacity(req.inputs.len());
@@ -215,7 +247,7 @@ impl Embedder {
 
         let mut fetched = Fetched::default();
         if !misses.is_empty() {
-            fetched = self.resolve_misses(&req, &auth, misses).await?;
+            fetched = self.resolve_misses(&req, &ctx, misses).await?;
             if !fetched.shared.is_empty() {
                 self.metrics
                     .coalesced_inputs
@@ -247,10 +279,19 @@ impl Embedder {
                 .cache_saved_tokens
                 .with_label_values(&[model])
                 .inc_by(saved);
+            let usd = saved as f64 * self.price(model) / 1e6;
             self.metrics
                 .cache_saved_usd
                 .with_label_values(&[model])
-                .inc_by(saved as f64 * self.price(model) / 1e6);
+                .inc_by(usd);
+            self.metrics
+                .tenant_saved_tokens
+                .with_label_values(&[&*ctx.tenant, model])
+                .inc_by(saved);
+            self.metrics
+                .tenant_saved_usd
+                .with_label_values(&[&*ctx.tenant, model])
+                .inc_by(usd);
         }
         let cache = match fetched_slots {
             0 => CacheStatus::Hit,
@@ -313,7 +354,7 @@ impl Embedder {
     async fn resolve_misses(
         self: &Arc<Self>,
         req: &Arc<EmbeddingRequest>,
-        auth: &CallerAuth,
+        ctx: &CallContext,
         misses: Vec<Miss>,
     ) -> Result<Fetched, EmbedError> {
         let claims = self.inflight.claim(misses.iter().map(|m| m.hash));
@@ -329,9 +370,9 @@ impl Embedder {
         let leader = (!lead.is_empty()).then(|| {
             let this = Arc::clone(self);
             let req = Arc::clone(req);
-            let auth = auth.clone();
+            let ctx = ctx.clone();
             self.tasks
-                .spawn(async move { this.lead(&req, &auth, lead).await })
+                .spawn(async move { this.lead(&req, &ctx, lead).await })
         });
         let followed = follow
             .into_iter()
@@ -357,7 +398,7 @@ impl Embedder {
         }
         if !orphans.is_empty() {
             // The leader failed or went away: fetch these ourselves.
-            let own = self.fetch(req, auth, orphans).await?;
+            let own = self.fetch(req, ctx, orphans).await?;
             fetched.absorb(own);
         }
         Ok(fetched)
@@ -367,7 +408,7 @@ impl Embedder {
     async fn lead(
         &self,
         req: &EmbeddingRequest,
-        auth: &CallerAuth,
+        ctx: &CallContext,
         lead: Vec<(Miss, Promise)>,
     ) -> Result<Fetched, UpstreamError> {
         // Another request may have stored some of these between our lookup
@@ -395,7 +436,7 @@ impl Embedder {
         }
 
         let items = pending.into_iter().map(|(m, p)| (m, Some(p))).collect();
-        let result = self.fetch(req, auth, items).await;
+        let result = self.fetch(req, ctx, items).await;
         if let Some(fleet) = &self.fleet
             && !leases.is_empty()
             && let Err(e) = self.store.release_leases(&leases, &fleet.token).await
@@ -489,7 +530,7 @@ impl Embedder {
     async fn fetch(
         &self,
         req: &EmbeddingRequest,
-        auth: &CallerAuth,
+        ctx: &CallContext,
         items: Vec<(Miss, Option<Promise>)>,
     ) -> Result<Fetched, UpstreamError> {
         if items.is_empty() {
@@ -519,9 +560,9 @@ impl Embedder {
                     dimensions: req.dimensions,
                     user: req.user.as_deref(),
                     extra: &req.extra,
-                    auth,
+                    auth: &ctx.auth,
                 };
-                async move { (range, self.upstream.embed(&call).await) }
+                async move { (range, ctx.upstream.embed(&call).await) }
             })
             .buffer_unordered(self.batch.concurrency);
 
@@ -549,7 +590,7 @@ impl Embedder {
             let billed = answer
                 .prompt_tokens
                 .unwrap_or_else(|| counts.iter().map(|c| u64::from(*c)).sum());
-            self.record_spend(model, billed, inputs.len());
+            self.record_spend(&ctx.tenant, model, billed, inputs.len());
             fetched.billed_tokens += billed;
             for (((miss, _), vector), tokens) in chunk_items.iter().zip(&answer.vectors).zip(counts)
             {
@@ -618,7 +659,8 @@ impl Embedder {
         }
     }
 
-    fn record_spend(&self, model: &str, billed: u64, inputs: usize) {
+    fn record_spend(&self, tenant: &str, model: &str, billed: u64, inputs: usize) {
+        let usd = billed as f64 * self.price(model) / 1e6;
         self.metrics
             .upstream_tokens
             .with_label_values(&[model])
@@ -626,7 +668,11 @@ impl Embedder {
         self.metrics
             .upstream_spent_usd
             .with_label_values(&[model])
-            .inc_by(billed as f64 * self.price(model) / 1e6);
+            .inc_by(usd);
+        self.metrics
+            .tenant_spent_usd
+            .with_label_values(&[tenant, model])
+            .inc_by(usd);
         self.metrics
             .upstream_inputs
             .with_label_values(&[model])

@@ -13,15 +13,16 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::passthrough;
-use crate::pipeline::{Embedded, Embedder};
+use crate::pipeline::{CallContext, Embedded, Embedder};
 use crate::protocol::{self, EncodingFormat, Limits};
-use crate::upstream::CallerAuth;
 
 #[derive(Clone)]
 pub struct AppState {
+    pub auth: Arc<Auth>,
     pub embedder: Arc<Embedder>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -75,6 +76,7 @@ async fn embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let caller = state.auth.identify(&headers)?;
     let body = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::BodyTooLarge(state.max_body_bytes)
@@ -85,10 +87,10 @@ async fn embeddings(
     drop(body);
     let model = request.model.clone();
     let format = request.encoding_format;
-    let embedded = state
-        .embedder
-        .embed(Arc::new(request), CallerAuth::from_headers(&headers))
-        .await?;
+    let upstream = Arc::clone(state.embedder.upstreams().route(&request.model));
+    state.auth.admit(&caller, &upstream).await?;
+    let ctx = CallContext::new(upstream, caller, &request.model, &headers);
+    let embedded = state.embedder.embed(Arc::new(request), ctx).await?;
 
     let values: usize = embedded.entries.iter().map(|e| e.payload().len() / 4).sum();
     let (cache, upstream_tokens) = (embedded.cache, embedded.upstream_tokens);

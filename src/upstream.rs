@@ -2,21 +2,23 @@
 //! asking for base64 (exact f32 bytes), retried on 429/5xx/transport
 //! failures, and checked before anything is trusted.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::config::UpstreamSettings;
+use crate::auth::ApiKey;
+use crate::config::{Flavour, NamedUpstream, Settings, UpstreamSettings};
 use crate::metrics::Metrics;
 use crate::protocol::Input;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     /// The vendor answered with an error; it reaches the caller as sent.
     #[error("vendor answered {status}")]
@@ -61,18 +63,20 @@ impl UpstreamError {
     }
 }
 
-/// Caller headers that are forwarded on misses.
+/// What a caller contributes to an upstream call.
 #[derive(Debug, Clone, Default)]
 pub struct CallerAuth {
-    pub authorization: Option<HeaderValue>,
+    /// The caller's own vendor key: set in forward mode only, never a
+    /// gateway key.
+    pub key: Option<ApiKey>,
     pub organization: Option<HeaderValue>,
     pub project: Option<HeaderValue>,
 }
 
 impl CallerAuth {
-    pub fn from_headers(h: &HeaderMap) -> Self {
+    pub fn new(key: Option<ApiKey>, h: &HeaderMap) -> Self {
         CallerAuth {
-            authorization: h.get(header::AUTHORIZATION).cloned(),
+            key,
             organization: h.get("openai-organization").cloned(),
             project: h.get("openai-project").cloned(),
         }
@@ -97,40 +101,114 @@ pub struct Embeddings {
     pub prompt_tokens: Option<u64>,
 }
 
+/// One vendor endpoint.
 pub struct Upstream {
+    name: String,
     http: reqwest::Client,
     base_url: String,
-    api_key: Option<HeaderValue>,
+    api_key: Option<ApiKey>,
+    flavour: Flavour,
+    api_version: String,
+    deployments: HashMap<String, String>,
     settings: UpstreamSettings,
     metrics: Arc<Metrics>,
 }
 
-impl Upstream {
-    pub fn new(settings: &UpstreamSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
+/// Every configured vendor, and which one serves a model.
+pub struct Upstreams {
+    default: Arc<Upstream>,
+    exact: HashMap<String, Arc<Upstream>>,
+    /// Longest prefix first.
+    prefixes: Vec<(String, Arc<Upstream>)>,
+}
+
+impl Upstreams {
+    pub fn new(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Upstreams, String> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|e| format!("http client: {e}"))?;
-        let api_key = Some(settings.api_key.as_str())
-            .filter(|k| !k.is_empty())
-            .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
-            .transpose()
-            .map_err(|_| "upstream.api_key holds characters not allowed in a header".to_owned())?
-            .map(|mut v| {
-                v.set_sensitive(true);
-                v
-            });
-        Ok(Upstream {
-            http,
-            base_url: settings.base_url.trim_end_matches('/').to_owned(),
-            api_key,
-            settings: settings.clone(),
-            metrics,
+        let make = |name: &str, base_url: &str, api_key: &str, named: Option<&NamedUpstream>| {
+            Arc::new(Upstream {
+                name: name.to_owned(),
+                http: http.clone(),
+                base_url: base_url.trim_end_matches('/').to_owned(),
+                api_key: Some(api_key).filter(|k| !k.is_empty()).map(ApiKey::new),
+                flavour: named.map_or(Flavour::Openai, |n| n.flavour),
+                api_version: named.map_or_else(String::new, |n| n.api_version.clone()),
+                deployments: named.map_or_else(HashMap::new, |n| n.deployments.clone()),
+                settings: settings.upstream.clone(),
+                metrics: Arc::clone(metrics),
+            })
+        };
+        let default = make(
+            "default",
+            &settings.upstream.base_url,
+            &settings.upstream.api_key,
+            None,
+        );
+        let mut exact = HashMap::new();
+        let mut prefixes = Vec::new();
+        let mut names: Vec<&String> = settings.upstreams.keys().collect();
+        names.sort();
+        for name in names {
+            let named = &settings.upstreams[name];
+            let upstream = make(name, &named.base_url, &named.api_key, Some(named));
+            for pattern in named
+                .models
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+            {
+                match pattern.strip_suffix('*') {
+                    Some(prefix) => prefixes.push((prefix.to_owned(), Arc::clone(&upstream))),
+                    None => {
+                        exact.insert(pattern.to_owned(), Arc::clone(&upstream));
+                    }
+                }
+            }
+        }
+        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Ok(Upstreams {
+            default,
+            exact,
+            prefixes,
         })
     }
 
-    /// The base URL without a trailing slash; also the cache-key namespace.
+    /// The upstream serving `model`: an exact name, else the longest
+    /// prefix, else the default.
+    pub fn route(&self, model: &str) -> &Arc<Upstream> {
+        self.exact
+            .get(model)
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| model.starts_with(p.as_str()))
+                    .map(|(_, u)| u)
+            })
+            .unwrap_or(&self.default)
+    }
+
+    /// The upstream that other routes are passed through to.
+    pub fn default(&self) -> &Arc<Upstream> {
+        &self.default
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        std::iter::once(&self.default)
+            .chain(self.exact.values())
+            .chain(self.prefixes.iter().map(|(_, u)| u))
+    }
+}
+
+impl Upstream {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The base URL without a trailing slash.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
@@ -139,9 +217,80 @@ impl Upstream {
         &self.http
     }
 
-    /// The `Authorization` to send upstream: the gateway's key, or the caller's.
-    pub fn authorization<'a>(&'a self, caller: Option<&'a HeaderValue>) -> Option<&'a HeaderValue> {
-        self.api_key.as_ref().or(caller)
+    pub fn has_own_key(&self) -> bool {
+        self.api_key.is_some()
+    }
+
+    /// What identifies the vectors of `model` at this upstream, for the
+    /// cache key: the base URL (and for Azure the deployment).
+    pub fn namespace(&self, model: &str) -> String {
+        match self.flavour {
+            Flavour::Openai => self.base_url.clone(),
+            Flavour::Azure => format!("{}#azure:{}", self.base_url, self.deployment(model)),
+        }
+    }
+
+    fn deployment<'a>(&'a self, model: &'a str) -> &'a str {
+        self.deployments.get(model).map_or(model, String::as_str)
+    }
+
+    /// Where embeddings of `model` are requested.
+    pub fn embeddings_url(&self, model: &str) -> String {
+        match self.flavour {
+            Flavour::Openai => format!("{}/embeddings", self.base_url),
+            Flavour::Azure => format!(
+                "{}/openai/deployments/{}/embeddings?api-version={}",
+                self.base_url,
+                self.deployment(model),
+                self.api_version
+            ),
+        }
+    }
+
+    /// The credential header for a call: the gateway's key when it holds
+    /// one, else the caller's.
+    pub fn credential(&self, caller: Option<&ApiKey>) -> Option<(HeaderName, HeaderValue)> {
+        self.credential_for(self.api_key.as_ref().or(caller)?)
+    }
+
+    /// Asks the vendor whether it accepts `key` (a free listing call).
+    /// `Ok(false)` for 401/403; other failures are errors, not verdicts.
+    pub async fn verify_key(&self, key: &ApiKey) -> Result<bool, UpstreamError> {
+        let url = match self.flavour {
+            Flavour::Openai => format!("{}/models", self.base_url),
+            Flavour::Azure => format!(
+                "{}/openai/models?api-version={}",
+                self.base_url, self.api_version
+            ),
+        };
+        let timeout = Duration::from_secs(self.settings.timeout_secs);
+        let mut req = self.http.get(url).timeout(timeout);
+        if let Some((name, value)) = self.credential_for(key) {
+            req = req.header(name, value);
+        }
+        let response = req.send().await.map_err(|e| transport_error(e, timeout))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(true);
+        }
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Ok(false);
+        }
+        let headers = Box::new(response.headers().clone());
+        let body = response.bytes().await.unwrap_or_default();
+        Err(UpstreamError::Vendor {
+            status,
+            body,
+            headers,
+        })
+    }
+
+    /// The header carrying exactly `key` in this flavour.
+    pub fn credential_for(&self, key: &ApiKey) -> Option<(HeaderName, HeaderValue)> {
+        match self.flavour {
+            Flavour::Openai => Some((header::AUTHORIZATION, key.bearer()?)),
+            Flavour::Azure => Some((HeaderName::from_static("api-key"), key.header_value()?)),
+        }
     }
 
     /// Embeds `call.inputs`, retrying transient failures within the deadline.
@@ -163,7 +312,7 @@ impl Upstream {
             if Instant::now() + wait > deadline {
                 return Err(err);
             }
-            tracing::debug!(attempt, ?wait, error = %err, "retrying upstream");
+            tracing::debug!(upstream = %self.name, attempt, ?wait, error = %err, "retrying upstream");
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
@@ -177,12 +326,12 @@ impl Upstream {
         let timeout = Duration::from_secs(self.settings.timeout_secs);
         let mut req = self
             .http
-            .post(format!("{}/embeddings", self.base_url))
+            .post(self.embeddings_url(call.model))
             .timeout(timeout)
             .header(header::CONTENT_TYPE, "application/json")
             .body(body);
-        if let Some(auth) = self.authorization(call.auth.authorization.as_ref()) {
-            req = req.header(header::AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = self.credential(call.auth.key.as_ref()) {
+            req = req.header(name, value);
         }
         if let Some(org) = &call.auth.organization {
             req = req.header("openai-organization", org.clone());
@@ -192,12 +341,12 @@ impl Upstream {
         }
 
         let started = Instant::now();
-        let result = self.exchange(req, timeout).await;
+        let result = req.send().await.map_err(|e| transport_error(e, timeout));
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
         let label = match &result {
-            Ok((status, _)) => status.as_str().to_owned(),
+            Ok(response) => response.status().as_str().to_owned(),
             Err(UpstreamError::Timeout(_)) => "timeout".to_owned(),
             Err(_) => "error".to_owned(),
         };
@@ -206,7 +355,8 @@ impl Upstream {
             .with_label_values(&[label.as_str()])
             .inc();
 
-        let (status, response) = result?;
+        let response = result?;
+        let status = response.status();
         let headers = response.headers().clone();
         let bytes = response
             .bytes()
@@ -220,15 +370,6 @@ impl Upstream {
             });
         }
         check_response(&bytes, call.inputs.len(), call.dimensions)
-    }
-
-    async fn exchange(
-        &self,
-        req: reqwest::RequestBuilder,
-        timeout: Duration,
-    ) -> Result<(StatusCode, reqwest::Response), UpstreamError> {
-        let response = req.send().await.map_err(|e| transport_error(e, timeout))?;
-        Ok((response.status(), response))
     }
 }
 

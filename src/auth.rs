@@ -1,0 +1,242 @@
+//! Who may use the gateway. A cache hit must never be a way around the
+//! vendor's authentication:
+//!
+//! - forward: callers bring their own vendor key. Each distinct key is
+//!   verified with the vendor once (the verdict is remembered, by the key's
+//!   hash, for `auth.verify_ttl_secs`) before any vector, cached or not, is
+//!   returned.
+//! - gateway: callers present client keys listed (hashed) under
+//!   `auth.tenants`; the gateway's own vendor keys pay.
+//! - open: no caller authentication; the gateway's vendor key pays.
+//!
+//! Keys never reach logs, metrics or error messages: only [`ApiKey::id`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthMode, Settings};
+use crate::upstream::{Upstream, UpstreamError};
+
+/// A secret key. Its `Debug` shows only its id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: &str) -> ApiKey {
+        ApiKey(key.to_owned())
+    }
+
+    pub fn sha256(&self) -> [u8; 32] {
+        Sha256::digest(self.0.as_bytes()).into()
+    }
+
+    /// A short, non-reversible id, safe to log: the first 8 hex digits of
+    /// the key's SHA-256.
+    pub fn id(&self) -> String {
+        hex(&self.sha256()[..4])
+    }
+
+    /// `Authorization: Bearer <key>`, marked sensitive.
+    pub fn bearer(&self) -> Option<HeaderValue> {
+        sensitive(HeaderValue::from_str(&format!("Bearer {}", self.0)).ok()?)
+    }
+
+    /// The bare key as a header value (Azure's `api-key`), marked sensitive.
+    pub fn header_value(&self) -> Option<HeaderValue> {
+        sensitive(HeaderValue::from_str(&self.0).ok()?)
+    }
+}
+
+fn sensitive(mut v: HeaderValue) -> Option<HeaderValue> {
+    v.set_sensitive(true);
+    Some(v)
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey({})", self.id())
+    }
+}
+
+/// Hex SHA-256 of a key, as `auth.tenants.<name>.key_sha256` wants it.
+pub fn hash_key(key: &str) -> String {
+    hex(&ApiKey::new(key).sha256())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key a request presents: `Authorization: Bearer K` or `api-key: K`.
+pub fn presented_key(headers: &HeaderMap) -> Option<ApiKey> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let azure = || headers.get("api-key").and_then(|v| v.to_str().ok());
+    bearer
+        .or_else(azure)
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(ApiKey::new)
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Labels metrics and the ledger; `default` outside gateway mode.
+    pub tenant: Arc<str>,
+    /// This tenant's entries are kept apart.
+    pub isolated: bool,
+    /// Forward mode: the caller's vendor key, used for its misses.
+    pub key: Option<ApiKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "You didn't provide an API key. You need to provide your API key in an Authorization \
+         header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+    )]
+    Missing,
+    #[error("Incorrect API key provided (key id {0}).")]
+    Rejected(String),
+    /// The vendor could not say whether it accepts the key.
+    #[error(transparent)]
+    Vendor(#[from] UpstreamError),
+}
+
+struct Tenant {
+    name: Arc<str>,
+    isolated: bool,
+}
+
+pub struct Auth {
+    mode: AuthMode,
+    tenants: HashMap<[u8; 32], Tenant>,
+    default_tenant: Arc<str>,
+    /// Vendor verdicts by (upstream, key hash); concurrent checks of one
+    /// key share a single vendor call.
+    verdicts: moka::future::Cache<(String, [u8; 32]), bool>,
+}
+
+impl Auth {
+    pub fn new(settings: &Settings) -> Result<Auth, String> {
+        let mut tenants = HashMap::new();
+        for (name, t) in &settings.auth.tenants {
+            let mut hash = [0u8; 32];
+            for (i, byte) in hash.iter_mut().enumerate() {
+                *byte = t
+                    .key_sha256
+                    .get(2 * i..2 * i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("auth.tenants.{name}.key_sha256 is not hex SHA-256"))?;
+            }
+            tenants.insert(
+                hash,
+                Tenant {
+                    name: Arc::from(name.as_str()),
+                    isolated: t.isolated,
+                },
+            );
+        }
+        Ok(Auth {
+            mode: settings.auth_mode(),
+            tenants,
+            default_tenant: Arc::from("default"),
+            verdicts: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(settings.auth.verify_ttl_secs.max(1)))
+                .build(),
+        })
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Who is calling; gateway mode refuses unknown keys here.
+    pub fn identify(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
+        let presented = presented_key(headers);
+        match self.mode {
+            AuthMode::Gateway => {
+                let key = presented.ok_or(AuthError::Missing)?;
+                let tenant = self
+                    .tenants
+                    .get(&key.sha256())
+                    .ok_or_else(|| AuthError::Rejected(key.id()))?;
+                Ok(Caller {
+                    tenant: Arc::clone(&tenant.name),
+                    isolated: tenant.isolated,
+                    key: None,
+                })
+            }
+            AuthMode::Forward | AuthMode::Auto => Ok(Caller {
+                tenant: Arc::clone(&self.default_tenant),
+                isolated: false,
+                key: Some(presented.ok_or(AuthError::Missing)?),
+            }),
+            AuthMode::Open => Ok(Caller {
+                tenant: Arc::clone(&self.default_tenant),
+                isolated: false,
+                key: None,
+            }),
+        }
+    }
+
+    /// Forward mode: makes sure `upstream` accepts the caller's key before
+    /// anything is served.
+    pub async fn admit(&self, caller: &Caller, upstream: &Upstream) -> Result<(), AuthError> {
+        let Some(key) = &caller.key else {
+            return Ok(());
+        };
+        let accepted = self
+            .verdicts
+            .try_get_with((upstream.name().to_owned(), key.sha256()), async {
+                upstream.verify_key(key).await
+            })
+            .await
+            .map_err(|e| AuthError::Vendor((*e).clone()))?;
+        if accepted {
+            Ok(())
+        } else {
+            tracing::info!(key_id = %key.id(), upstream = %upstream.name(), "vendor rejected key");
+            Err(AuthError::Rejected(key.id()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_show_only_their_id() {
+        let key = ApiKey::new("sk-very-secret");
+        assert_eq!(format!("{key:?}"), format!("ApiKey({})", key.id()));
+        assert_eq!(key.id().len(), 8);
+        assert!(!format!("{key:?}").contains("secret"));
+        assert_eq!(hash_key("abc").len(), 64);
+    }
+
+    #[test]
+    fn presented_key_reads_bearer_and_azure_headers() {
+        let mut h = HeaderMap::new();
+        assert!(presented_key(&h).is_none());
+        h.insert("api-key", HeaderValue::from_static("az-1"));
+        assert_eq!(presented_key(&h), Some(ApiKey::new("az-1")));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-1"),
+        );
+        assert_eq!(presented_key(&h), Some(ApiKey::new("sk-1")));
+    }
+}
