@@ -20,6 +20,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMode, Settings};
+use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// A secret key. Its `Debug` shows only its id.
@@ -126,10 +127,11 @@ pub struct Auth {
     /// Vendor verdicts by (upstream, key hash); concurrent checks of one
     /// key share a single vendor call.
     verdicts: moka::future::Cache<(String, [u8; 32]), bool>,
+    metrics: Arc<Metrics>,
 }
 
 impl Auth {
-    pub fn new(settings: &Settings) -> Result<Auth, String> {
+    pub fn new(settings: &Settings, metrics: Arc<Metrics>) -> Result<Auth, String> {
         let mut tenants = HashMap::new();
         for (name, t) in &settings.auth.tenants {
             let mut hash = [0u8; 32];
@@ -156,6 +158,7 @@ impl Auth {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(settings.auth.verify_ttl_secs.max(1)))
                 .build(),
+            metrics,
         })
     }
 
@@ -201,7 +204,17 @@ impl Auth {
         let accepted = self
             .verdicts
             .try_get_with((upstream.name().to_owned(), key.sha256()), async {
-                upstream.verify_key(key).await
+                let verdict = upstream.verify_key(key).await;
+                let label = match &verdict {
+                    Ok(true) => "accepted",
+                    Ok(false) => "rejected",
+                    Err(_) => "error",
+                };
+                self.metrics
+                    .auth_verifications
+                    .with_label_values(&[label])
+                    .inc();
+                verdict
             })
             .await
             .map_err(|e| AuthError::Vendor((*e).clone()))?;

@@ -61,7 +61,8 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new()?);
         let store = Store::connect_lazy(&settings.store)?;
         let upstreams = Upstreams::new(settings, &metrics).map_err(StartupError::Upstream)?;
-        let auth = Arc::new(Auth::new(settings).map_err(StartupError::Upstream)?);
+        let auth =
+            Arc::new(Auth::new(settings, Arc::clone(&metrics)).map_err(StartupError::Upstream)?);
         let embedder = Arc::new(Embedder::new(
             settings,
             store,

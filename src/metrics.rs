@@ -25,6 +25,7 @@ pub struct Metrics {
     pub tenant_saved_tokens: IntCounterVec,
     pub tenant_saved_usd: CounterVec,
     pub tenant_spent_usd: CounterVec,
+    pub auth_verifications: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -140,6 +141,11 @@ impl Metrics {
                 "embgate_tenant_spent_usd_total",
                 "US dollars spent at the vendor, by tenant and model.",
                 &["tenant", "model"],
+            )?,
+            auth_verifications: int_counter(
+                "embgate_auth_verifications_total",
+                "Caller keys checked with the vendor (forward mode), by result (accepted|rejected|error).",
+                &["result"],
             )?,
             registry,
         })

@@ -23,10 +23,6 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
-    let caller = match state.auth.identify(req.headers()) {
-        Ok(caller) => caller,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
     let upstream = state.embedder.upstreams().default();
     let path = req.uri().path();
     let Some(rest) = path
@@ -34,6 +30,10 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
         .filter(|r| r.is_empty() || r.starts_with('/'))
     else {
         return ApiError::NotFound(path.to_owned()).into_response();
+    };
+    let caller = match state.auth.identify(req.headers()) {
+        Ok(caller) => caller,
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let mut url = format!("{}{rest}", upstream.base_url());
     if let Some(q) = req.uri().query() {

@@ -1,0 +1,794 @@
+//! `loadgen`: end-to-end benchmark of the embgate gateway.
+//!
+//! Starts the fake vendor (in process) and `embgate serve` (as its own
+//! process, so its memory can be read), against the real Redis under a key
+//! prefix of its own; warms the cache; measures all-hit, miss and skewed
+//! workloads over HTTP; measures the same MGETs from a bare Redis client
+//! (the ceiling); deletes its keys; writes a Markdown report.
+//!
+//! `bench/run.sh` builds everything and runs this with the defaults.
+
+mod load;
+mod report;
+mod sys;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use fake_vendor::FakeVendor;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+
+use crate::load::{Plan, Reply, Stats};
+use crate::workload::{Format, Keys, Pool, ZipfShape};
+
+const API_KEY: &str = "sk-bench";
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Scenario {
+    /// All-hit 1-input requests, and the bare-Redis ceiling.
+    Hit1,
+    /// All-hit 64-input requests, float and base64, and the ceiling.
+    Hit64,
+    /// All-hit 2048-input requests (latency and load), the ceiling, peak RSS.
+    Hit2048,
+    /// Fresh inputs: the latency the gateway adds over the vendor.
+    Miss,
+    /// A skewed (Zipf) all-hit workload over many keys.
+    Zipf,
+}
+
+/// End-to-end load benchmark of embgate: gateway vs. the bare Redis reads it
+/// cannot avoid.
+#[derive(Parser, Debug)]
+#[command(name = "loadgen")]
+struct Args {
+    /// Where to write the Markdown report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// The gateway binary [default: `embgate` next to this binary].
+    #[arg(long)]
+    gateway_bin: Option<PathBuf>,
+    #[arg(long, default_value = "redis://127.0.0.1:6379/0")]
+    redis_url: String,
+    /// Extra environment for the gateway, e.g. EMBGATE__L1__MAX_BYTES=67108864
+    /// (repeatable; overrides the harness's own settings).
+    #[arg(long = "gateway-env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    gateway_env: Vec<(String, String)>,
+    /// Scenarios to run [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Scenario>,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Unrecorded seconds before each measured run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Connections for the 1-input and Zipf runs.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Connections for the 64-input runs.
+    #[arg(long, default_value_t = 16)]
+    concurrency_64: usize,
+    /// Connections for the 2048-input load runs (the latency runs use 1).
+    #[arg(long, default_value_t = 4)]
+    concurrency_2048: usize,
+    /// Connections for the miss-path runs.
+    #[arg(long, default_value_t = 1)]
+    concurrency_miss: usize,
+    /// Distinct keys of the Zipf workload.
+    #[arg(long, default_value_t = 100_000)]
+    zipf_keys: usize,
+    /// Zipf exponent (larger: more skewed).
+    #[arg(long, default_value_t = 1.1)]
+    zipf_exponent: f64,
+    /// Inputs per Zipf request.
+    #[arg(long, default_value_t = 8)]
+    zipf_inputs: usize,
+    /// Distinct pre-built Zipf requests cycled through.
+    #[arg(long, default_value_t = 8192)]
+    zipf_requests: usize,
+    /// Criterion output (`--output-format bencher`) to include in the report.
+    #[arg(long)]
+    criterion: Option<PathBuf>,
+    /// The command to cite in the report [default: this command line].
+    #[arg(long)]
+    command: Option<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+impl Args {
+    fn runs(&self, s: Scenario) -> bool {
+        self.only.is_empty() || self.only.contains(&s)
+    }
+
+    fn plan(&self, concurrency: usize) -> Plan {
+        Plan {
+            concurrency,
+            warmup: Duration::from_secs_f64(self.warmup),
+            duration: Duration::from_secs_f64(self.duration),
+        }
+    }
+}
+
+/// CPU seconds used during a measured window, by process.
+#[derive(Default, Clone, Copy)]
+pub struct Cpu {
+    pub gateway: Option<f64>,
+    pub redis: Option<f64>,
+    pub loadgen: Option<f64>,
+}
+
+pub struct Measured {
+    pub stats: Stats,
+    pub cpu: Cpu,
+}
+
+/// Peak memory of the gateway process, KiB.
+#[derive(Default)]
+pub struct Memory {
+    pub after_warmup_rss: Option<u64>,
+    pub peak_before_2048: Option<u64>,
+    pub peak_2048: Option<u64>,
+    pub reset_worked: bool,
+}
+
+/// Everything the report needs.
+pub struct Results {
+    pub runs: BTreeMap<&'static str, Measured>,
+    pub memory: Memory,
+    pub zipf: Option<ZipfShape>,
+    pub warmed_inputs: usize,
+    pub warmup_secs: f64,
+    pub store_warnings: usize,
+    pub deleted_keys: Option<u64>,
+}
+
+struct Context {
+    http: reqwest::Client,
+    gateway_url: Arc<str>,
+    redis: redis::aio::MultiplexedConnection,
+    gateway_pid: u32,
+    redis_pid: Option<u32>,
+    ticks: f64,
+}
+
+impl Context {
+    fn cpu_now(&self) -> Cpu {
+        Cpu {
+            gateway: sys::cpu_seconds(self.gateway_pid, self.ticks),
+            redis: self.redis_pid.and_then(|p| sys::cpu_seconds(p, self.ticks)),
+            loadgen: sys::cpu_seconds(std::process::id(), self.ticks),
+        }
+    }
+
+    /// Runs `op` under `plan`, with the CPU each process used in the window.
+    async fn measure<F>(&self, label: &str, plan: Plan, op: F) -> Measured
+    where
+        F: Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static,
+    {
+        eprint!("  {label:<28} c={:<3} ", plan.concurrency);
+        let warmup = plan.warmup;
+        let sampler = {
+            let gateway_pid = self.gateway_pid;
+            let redis_pid = self.redis_pid;
+            let ticks = self.ticks;
+            tokio::spawn(async move {
+                tokio::time::sleep(warmup).await;
+                Cpu {
+                    gateway: sys::cpu_seconds(gateway_pid, ticks),
+                    redis: redis_pid.and_then(|p| sys::cpu_seconds(p, ticks)),
+                    loadgen: sys::cpu_seconds(std::process::id(), ticks),
+                }
+            })
+        };
+        let stats = load::run(plan, op).await;
+        let after = self.cpu_now();
+        let before = sampler.await.unwrap_or_default();
+        let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        let cpu = Cpu {
+            gateway: diff(after.gateway, before.gateway),
+            redis: diff(after.redis, before.redis),
+            loadgen: diff(after.loadgen, before.loadgen),
+        };
+        eprintln!(
+            "{:>9.0} req/s  p50 {:>9.3} ms  p99 {:>9.3} ms  errors {}  not-hit {}",
+            stats.per_second(),
+            stats.p50(),
+            stats.p99(),
+            stats.errors,
+            stats.not_hit
+        );
+        if let Some(e) = &stats.first_error {
+            eprintln!("    first error: {e}");
+        }
+        Measured { stats, cpu }
+    }
+}
+
+/// POSTs one body; any status but 200 is an error.
+async fn post(http: reqwest::Client, url: Arc<str>, body: Bytes) -> Result<Reply, String> {
+    let mut resp = http
+        .post(&*url)
+        .header(CONTENT_TYPE, "application/json")
+        .header(AUTHORIZATION, format!("Bearer {API_KEY}"))
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = resp.status();
+    if status != reqwest::StatusCode::OK {
+        let text = resp.text().await.unwrap_or_default();
+        let text: String = text.chars().take(300).collect();
+        return Err(format!("HTTP {status}: {text}"));
+    }
+    let hit = resp
+        .headers()
+        .get("x-embgate-cache")
+        .map(|v| v.as_bytes() == b"hit");
+    let mut bytes = 0u64;
+    while let Some(chunk) = resp.chunk().await.map_err(|e| format!("body: {e}"))? {
+        bytes += chunk.len() as u64;
+    }
+    Ok(Reply { hit, bytes })
+}
+
+/// Cycles through `bodies`, POSTing each to `url`.
+fn posting(
+    http: &reqwest::Client,
+    url: Arc<str>,
+    bodies: Vec<Bytes>,
+) -> impl Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static {
+    let http = http.clone();
+    let bodies = Arc::new(bodies);
+    move |i| {
+        let body = bodies[(i % bodies.len() as u64) as usize].clone();
+        Box::pin(post(http.clone(), Arc::clone(&url), body))
+    }
+}
+
+/// Cycles through pre-built MGETs on one multiplexed connection.
+fn mgetting(
+    conn: &redis::aio::MultiplexedConnection,
+    cmds: Vec<redis::Cmd>,
+) -> impl Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static {
+    let conn = conn.clone();
+    let cmds = Arc::new(cmds);
+    move |i| {
+        let mut conn = conn.clone();
+        let cmds = Arc::clone(&cmds);
+        Box::pin(async move {
+            let cmd = &cmds[(i % cmds.len() as u64) as usize];
+            let values: Vec<Option<Bytes>> = cmd
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            let bytes = values.iter().flatten().map(|v| v.len() as u64).sum();
+            Ok(Reply {
+                hit: Some(values.iter().all(Option::is_some)),
+                bytes,
+            })
+        })
+    }
+}
+
+/// Fresh (never cached) inputs for each request: `inputs` texts from a set
+/// unique to `side`, built before the request is timed.
+fn fresh(
+    http: &reqwest::Client,
+    url: Arc<str>,
+    side: &'static str,
+    inputs: usize,
+) -> impl Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static {
+    let http = http.clone();
+    move |i| {
+        let set = format!("fresh-{side}-{inputs}");
+        let texts: Vec<String> = (0..inputs)
+            .map(|j| workload::text(&set, i as usize * inputs + j))
+            .collect();
+        let body = workload::body(&texts, Format::Base64);
+        Box::pin(post(http.clone(), Arc::clone(&url), body))
+    }
+}
+
+/// The gateway as a child process.
+struct GatewayProcess {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl GatewayProcess {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM (graceful: in-flight cache writes finish), then SIGKILL
+    /// after 10 s.
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn spawn_gateway(args: &Args, vendor_url: &str, prefix: &str) -> Result<GatewayProcess, String> {
+    let bin = match &args.gateway_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("locating loadgen: {e}"))?
+            .with_file_name("embgate"),
+    };
+    if !bin.exists() {
+        return Err(format!(
+            "gateway binary {} not found (cargo build --release -p embgate)",
+            bin.display()
+        ));
+    }
+    let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+    let log = std::env::temp_dir().join(format!("{prefix}-gateway.log"));
+    let log_file =
+        std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+    let log_err = log_file.try_clone().map_err(|e| format!("log file: {e}"))?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("serve");
+    // Only the harness decides the gateway's configuration.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("EMBGATE") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("RUST_LOG", "warn")
+        .env("EMBGATE__LISTEN", format!("127.0.0.1:{port}"))
+        .env("EMBGATE__STORE__URL", &args.redis_url)
+        .env("EMBGATE__STORE__KEY_PREFIX", prefix)
+        .env("EMBGATE__UPSTREAM__BASE_URL", vendor_url)
+        .env("EMBGATE__UPSTREAM__API_KEY", API_KEY);
+    for (k, v) in &args.gateway_env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::from(log_err))
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    Ok(GatewayProcess {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        log,
+    })
+}
+
+async fn wait_healthy(http: &reqwest::Client, gateway: &mut GatewayProcess) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = gateway.child.try_wait() {
+            let log = std::fs::read_to_string(&gateway.log).unwrap_or_default();
+            return Err(format!("gateway exited ({status}) during startup:\n{log}"));
+        }
+        if let Ok(r) = http.get(format!("{}/healthz", gateway.url)).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("gateway not healthy after 20 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = http
+        .get(format!("{}/readyz", gateway.url))
+        .send()
+        .await
+        .map_err(|e| format!("readyz: {e}"))?;
+    if !ready.status().is_success() {
+        let body = ready.text().await.unwrap_or_default();
+        return Err(format!("gateway cannot reach Redis: {body}"));
+    }
+    Ok(())
+}
+
+/// Stores every text through the gateway (each warm-up request is a miss).
+async fn warm(ctx: &Context, texts: &[String]) -> Result<(), String> {
+    const CHUNK: usize = 2048;
+    let url: Arc<str> = format!("{}/v1/embeddings", ctx.gateway_url).into();
+    let chunks: Vec<Bytes> = texts
+        .chunks(CHUNK)
+        .map(|c| workload::body(c, Format::Base64))
+        .collect();
+    let mut pending = chunks.into_iter();
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while running.len() < 2 {
+            match pending.next() {
+                Some(body) => {
+                    running.spawn(post(ctx.http.clone(), Arc::clone(&url), body));
+                }
+                None => break,
+            }
+        }
+        match running.join_next().await {
+            Some(Ok(Ok(_))) => {}
+            Some(Ok(Err(e))) => return Err(format!("warm-up request failed: {e}")),
+            Some(Err(e)) => return Err(format!("warm-up task failed: {e}")),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Checks, from the bare client, that every warmed key is in Redis: proves
+/// the ceiling reads the very keys the gateway reads.
+async fn verify_warm(ctx: &Context, keys: &Keys, texts: &[String]) -> Result<(), String> {
+    let mut conn = ctx.redis.clone();
+    let mut missing = 0usize;
+    for chunk in texts.chunks(1024) {
+        let names: Vec<String> = chunk.iter().map(|t| keys.redis_key(t)).collect();
+        let found: Vec<Option<Bytes>> = redis::cmd("MGET")
+            .arg(&names)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        missing += found.iter().filter(|v| v.is_none()).count();
+    }
+    if missing > 0 {
+        return Err(format!(
+            "{missing} of {} warmed inputs are not in Redis under the keys computed \
+             with embgate::key (key derivation out of step, or warm-up failed)",
+            texts.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Deletes every key under `prefix` (SCAN + DEL, never FLUSH*).
+async fn delete_prefix(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> Result<u64, String> {
+    let pattern = format!("{prefix}:*");
+    let mut cursor: u64 = 0;
+    let mut deleted = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(2000)
+            .query_async(conn)
+            .await
+            .map_err(|e| format!("SCAN: {e}"))?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(conn)
+                .await
+                .map_err(|e| format!("DEL: {e}"))?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+async fn redis_info(conn: &mut redis::aio::MultiplexedConnection) -> (Option<String>, Option<u32>) {
+    let info: String = match redis::cmd("INFO").arg("server").query_async(conn).await {
+        Ok(i) => i,
+        Err(_) => return (None, None),
+    };
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    (
+        field("redis_version").map(|v| format!("Redis {v}")),
+        field("process_id").and_then(|p| p.parse().ok()),
+    )
+}
+
+async fn run_scenarios(
+    args: &Args,
+    ctx: &Context,
+    keys: &Keys,
+    vendor: &FakeVendor,
+) -> Result<Results, String> {
+    let gw: Arc<str> = format!("{}/v1/embeddings", ctx.gateway_url).into();
+    let mut results = Results {
+        runs: BTreeMap::new(),
+        memory: Memory::default(),
+        zipf: None,
+        warmed_inputs: 0,
+        warmup_secs: 0.0,
+        store_warnings: 0,
+        deleted_keys: None,
+    };
+
+    let pool1 = Pool::distinct("one", 1024, 1);
+    let pool64 = Pool::distinct("sixtyfour", 8, 64);
+    let pool2048 = Pool::distinct("large", 2, 2048);
+    let zipf = args.runs(Scenario::Zipf).then(|| {
+        workload::zipf_pool(
+            args.zipf_keys,
+            args.zipf_exponent,
+            args.zipf_inputs,
+            args.zipf_requests,
+            0x5EED,
+        )
+    });
+
+    let mut to_warm = Vec::new();
+    if args.runs(Scenario::Hit1) {
+        to_warm.extend(pool1.texts());
+    }
+    if args.runs(Scenario::Hit64) {
+        to_warm.extend(pool64.texts());
+    }
+    if args.runs(Scenario::Hit2048) {
+        to_warm.extend(pool2048.texts());
+    }
+    if let Some((pool, _)) = &zipf {
+        to_warm.extend(pool.texts());
+    }
+    eprintln!("warming {} inputs through the gateway ...", to_warm.len());
+    let started = Instant::now();
+    warm(ctx, &to_warm).await?;
+    verify_warm(ctx, keys, &to_warm).await?;
+    results.warmed_inputs = to_warm.len();
+    results.warmup_secs = started.elapsed().as_secs_f64();
+    vendor.reset_records();
+    results.memory.after_warmup_rss = sys::vm_kib(ctx.gateway_pid, "VmRSS");
+
+    if args.runs(Scenario::Hit1) {
+        eprintln!("all-hit, 1 input:");
+        let plan = args.plan(args.concurrency);
+        for (id, format) in [
+            ("hit1/float", Format::Float),
+            ("hit1/base64", Format::Base64),
+        ] {
+            let op = posting(&ctx.http, Arc::clone(&gw), pool1.bodies(format));
+            results.runs.insert(id, ctx.measure(id, plan, op).await);
+        }
+        let op = mgetting(&ctx.redis, pool1.mgets(keys));
+        results.runs.insert(
+            "hit1/redis",
+            ctx.measure("hit1/redis (ceiling)", plan, op).await,
+        );
+    }
+
+    if args.runs(Scenario::Hit64) {
+        eprintln!("all-hit, 64 inputs x 1536:");
+        let plan = args.plan(args.concurrency_64);
+        for (id, format) in [
+            ("hit64/float", Format::Float),
+            ("hit64/base64", Format::Base64),
+        ] {
+            let op = posting(&ctx.http, Arc::clone(&gw), pool64.bodies(format));
+            results.runs.insert(id, ctx.measure(id, plan, op).await);
+        }
+        let op = mgetting(&ctx.redis, pool64.mgets(keys));
+        results.runs.insert(
+            "hit64/redis",
+            ctx.measure("hit64/redis (ceiling)", plan, op).await,
+        );
+    }
+
+    if args.runs(Scenario::Hit2048) {
+        eprintln!("all-hit, 2048 inputs x 1536:");
+        results.memory.peak_before_2048 = sys::vm_kib(ctx.gateway_pid, "VmHWM");
+        results.memory.reset_worked = sys::reset_peak_rss(ctx.gateway_pid);
+        let cmds = || pool2048.mgets(keys);
+        let latency = args.plan(1);
+        let loaded = args.plan(args.concurrency_2048);
+        let runs: [(&'static str, Plan, Option<Format>); 6] = [
+            ("hit2048/float", latency, Some(Format::Float)),
+            ("hit2048/base64", latency, Some(Format::Base64)),
+            ("hit2048/redis", latency, None),
+            ("hit2048-load/float", loaded, Some(Format::Float)),
+            ("hit2048-load/base64", loaded, Some(Format::Base64)),
+            ("hit2048-load/redis", loaded, None),
+        ];
+        for (id, plan, format) in runs {
+            let measured = match format {
+                Some(f) => {
+                    let op = posting(&ctx.http, Arc::clone(&gw), pool2048.bodies(f));
+                    ctx.measure(id, plan, op).await
+                }
+                None => ctx.measure(id, plan, mgetting(&ctx.redis, cmds())).await,
+            };
+            results.runs.insert(id, measured);
+        }
+        results.memory.peak_2048 = sys::vm_kib(ctx.gateway_pid, "VmHWM");
+    }
+
+    if args.runs(Scenario::Miss) {
+        eprintln!("miss path (fresh inputs every request, vendor without added latency):");
+        let plan = args.plan(args.concurrency_miss);
+        let direct: Arc<str> = format!("{}/embeddings", vendor.base_url()).into();
+        for (inputs, direct_id, gateway_id) in [
+            (1usize, "miss1/direct", "miss1/gateway"),
+            (64, "miss64/direct", "miss64/gateway"),
+        ] {
+            let op = fresh(&ctx.http, Arc::clone(&direct), "direct", inputs);
+            results
+                .runs
+                .insert(direct_id, ctx.measure(direct_id, plan, op).await);
+            vendor.reset_records();
+            let op = fresh(&ctx.http, Arc::clone(&gw), "gateway", inputs);
+            results
+                .runs
+                .insert(gateway_id, ctx.measure(gateway_id, plan, op).await);
+            vendor.reset_records();
+        }
+    }
+
+    if let Some((pool, shape)) = zipf {
+        eprintln!(
+            "zipf: {} keys, exponent {}, {} inputs per request ({} distinct touched):",
+            shape.keys, shape.exponent, shape.inputs, shape.touched
+        );
+        let plan = args.plan(args.concurrency);
+        let op = posting(&ctx.http, Arc::clone(&gw), pool.bodies(Format::Base64));
+        results
+            .runs
+            .insert("zipf/base64", ctx.measure("zipf/base64", plan, op).await);
+        let op = mgetting(&ctx.redis, pool.mgets(keys));
+        results.runs.insert(
+            "zipf/redis",
+            ctx.measure("zipf/redis (ceiling)", plan, op).await,
+        );
+        results.zipf = Some(shape);
+    }
+    Ok(results)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let command = args
+        .command
+        .clone()
+        .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
+    let prefix = format!("embgate-bench-{}", std::process::id());
+
+    let redis_client =
+        redis::Client::open(args.redis_url.as_str()).map_err(|e| format!("redis url: {e}"))?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    let mut redis_conn = redis_client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| format!("cannot connect to Redis at {}: {e}", args.redis_url))?;
+    let (redis_version, redis_pid) = redis_info(&mut redis_conn).await;
+    let machine = sys::machine(redis_version);
+
+    let vendor = FakeVendor::start().await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| format!("http client: {e}"))?;
+
+    let mut gateway = spawn_gateway(&args, &vendor.base_url(), &prefix)?;
+    eprintln!(
+        "gateway pid {} at {} (key prefix {prefix}, log {})",
+        gateway.pid(),
+        gateway.url,
+        gateway.log.display()
+    );
+    let outcome = async {
+        wait_healthy(&http, &mut gateway).await?;
+        let ctx = Context {
+            http: http.clone(),
+            gateway_url: gateway.url.clone().into(),
+            redis: redis_conn.clone(),
+            gateway_pid: gateway.pid(),
+            redis_pid,
+            ticks: sys::clock_ticks(),
+        };
+        let keys = Keys {
+            namespace: vendor.base_url().trim_end_matches('/').to_owned(),
+            prefix: prefix.clone(),
+        };
+        tokio::select! {
+            r = run_scenarios(&args, &ctx, &keys, &vendor) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
+        }
+    }
+    .await;
+
+    // Stop the gateway first so no late cache write outlives the clean-up.
+    gateway.stop();
+    let log = std::fs::read_to_string(&gateway.log).unwrap_or_default();
+    let deleted = delete_prefix(&mut redis_conn, &prefix).await;
+    match &deleted {
+        Ok(n) => eprintln!("deleted {n} keys under {prefix}:*"),
+        Err(e) => eprintln!("clean-up of {prefix}:* failed: {e}"),
+    }
+    let mut results = outcome?;
+    results.store_warnings = log.lines().filter(|l| l.contains("store failed")).count();
+    results.deleted_keys = deleted.ok();
+    if results.store_warnings == 0 {
+        let _ = std::fs::remove_file(&gateway.log);
+    } else {
+        eprintln!(
+            "the gateway logged {} store failures: see {}",
+            results.store_warnings,
+            gateway.log.display()
+        );
+    }
+
+    let criterion = match &args.criterion {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let markdown = report::render(&report::Input {
+        command: &command,
+        machine: &machine,
+        settings: report::Settings {
+            duration: args.duration,
+            warmup: args.warmup,
+            concurrency: args.concurrency,
+            concurrency_64: args.concurrency_64,
+            concurrency_2048: args.concurrency_2048,
+            concurrency_miss: args.concurrency_miss,
+            gateway_env: &args.gateway_env,
+        },
+        results: &results,
+        criterion: criterion.as_deref(),
+    });
+    std::fs::write(&args.out, &markdown)
+        .map_err(|e| format!("writing {}: {e}", args.out.display()))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,500 @@
+//! The Markdown report (BENCHMARKS.md).
+
+use std::fmt::Write as _;
+
+use crate::sys::Machine;
+use crate::workload::{DIMS, ENTRY_BYTES};
+use crate::{Measured, Results};
+
+pub struct Settings<'a> {
+    pub duration: f64,
+    pub warmup: f64,
+    pub concurrency: usize,
+    pub concurrency_64: usize,
+    pub concurrency_2048: usize,
+    pub concurrency_miss: usize,
+    pub gateway_env: &'a [(String, String)],
+}
+
+pub struct Input<'a> {
+    pub command: &'a str,
+    pub machine: &'a Machine,
+    pub settings: Settings<'a>,
+    pub results: &'a Results,
+    pub criterion: Option<&'a str>,
+}
+
+const TARGET_HIT1_THROUGHPUT: f64 = 0.60;
+const TARGET_2048_BASE64_VS_REDIS: f64 = 2.0;
+const TARGET_FLOAT_VS_BASE64: f64 = 3.0;
+
+fn ms(v: f64) -> String {
+    if v < 1.0 {
+        format!("{v:.3}")
+    } else if v < 100.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn ratio(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn per_request_us(cpu: Option<f64>, m: &Measured) -> String {
+    match cpu {
+        Some(s) if m.stats.ok > 0 => format!("{:.0}", s / m.stats.ok as f64 * 1e6),
+        _ => "n/a".into(),
+    }
+}
+
+/// Why a run cannot back a claim, if it cannot.
+fn invalid(m: &Measured) -> Option<String> {
+    let s = &m.stats;
+    let mut why = Vec::new();
+    if s.ok == 0 {
+        why.push("no successful request".to_owned());
+    }
+    if s.errors > 0 {
+        why.push(format!("{} errors", s.errors));
+    }
+    if s.not_hit > 0 {
+        why.push(format!(
+            "{} responses not served wholly from the cache",
+            s.not_hit
+        ));
+    }
+    (!why.is_empty()).then(|| why.join(", "))
+}
+
+fn verdict(met: bool, runs: &[&Measured]) -> String {
+    let problems: Vec<String> = runs.iter().filter_map(|m| invalid(m)).collect();
+    if !problems.is_empty() {
+        return format!("not established ({})", problems.join("; "));
+    }
+    if met {
+        "**met**".into()
+    } else {
+        "**not met**".into()
+    }
+}
+
+fn client_label(id: &str) -> &'static str {
+    match id.rsplit('/').next() {
+        Some("float") => "gateway, float",
+        Some("base64") => "gateway, base64",
+        Some("redis") => "bare Redis MGET (ceiling)",
+        Some("direct") => "fake vendor, direct",
+        Some("gateway") => "gateway",
+        _ => "?",
+    }
+}
+
+pub fn render(input: &Input) -> String {
+    let mut md = String::new();
+    let r = input.results;
+    let m = input.machine;
+    let s = &input.settings;
+    let run = |id: &str| r.runs.get(id);
+
+    md.push_str("# Benchmarks\n\n");
+    md.push_str(
+        "End-to-end cost of the gateway next to the Redis round trip it cannot avoid: \
+         every figure below comes from one run of the command shown, against the fake \
+         vendor and the Redis on 127.0.0.1. Regenerate it with that command; do not \
+         edit it by hand.\n\n",
+    );
+    md.push_str("| | |\n|---|---|\n");
+    let _ = writeln!(md, "| Command | `{}` |", input.command);
+    let _ = writeln!(md, "| Date | {} |", m.date);
+    let _ = writeln!(md, "| Commit | {} |", m.commit);
+    let _ = writeln!(
+        md,
+        "| Machine | {} cores (nproc), {}, {} memory, Linux {} |",
+        m.nproc, m.cpu_model, m.memory, m.kernel
+    );
+    let _ = writeln!(md, "| Toolchain | {} |", m.rustc);
+    let _ = writeln!(
+        md,
+        "| Redis | {} at 127.0.0.1:6379, same machine |",
+        m.redis
+    );
+    let env = if s.gateway_env.is_empty() {
+        "none".to_owned()
+    } else {
+        s.gateway_env
+            .iter()
+            .map(|(k, v)| format!("`{k}={v}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        md,
+        "| Gateway | `target/release/embgate serve` as its own process; defaults except \
+         listen address, key prefix, upstream; extra env: {env} |"
+    );
+    let _ = writeln!(
+        md,
+        "| Runs | {:.0} s measured after {:.0} s unrecorded warm-up each; closed loop \
+         (each connection sends its next request when the last one completed) |",
+        s.duration, s.warmup
+    );
+    let _ = writeln!(
+        md,
+        "| Warm-up | {} inputs stored through the gateway in {:.1} s before the runs |",
+        r.warmed_inputs, r.warmup_secs
+    );
+    md.push('\n');
+
+    // Targets.
+    md.push_str("## Targets\n\n| Target | Measured | Verdict |\n|---|---|---|\n");
+    let mut any_target = false;
+    for fmt in ["float", "base64"] {
+        if let (Some(gw), Some(redis)) = (run(&format!("hit1/{fmt}")), run("hit1/redis")) {
+            any_target = true;
+            let q = gw.stats.per_second() / redis.stats.per_second();
+            let _ = writeln!(
+                md,
+                "| 1-input all-hit throughput ({fmt}) ≥ {:.0}% of the bare-Redis ceiling | \
+                 {:.0} vs {:.0} req/s = {:.0}% | {} |",
+                TARGET_HIT1_THROUGHPUT * 100.0,
+                gw.stats.per_second(),
+                redis.stats.per_second(),
+                q * 100.0,
+                verdict(q >= TARGET_HIT1_THROUGHPUT, &[gw, redis])
+            );
+        }
+    }
+    if let (Some(gw), Some(redis)) = (run("hit2048/base64"), run("hit2048/redis")) {
+        any_target = true;
+        let q = gw.stats.p50() / redis.stats.p50();
+        let _ = writeln!(
+            md,
+            "| 2048×{DIMS} all-hit base64 response within {TARGET_2048_BASE64_VS_REDIS}× the time \
+             Redis takes to deliver those bytes (p50, 1 connection) | {} ms vs {} ms = {}× | {} |",
+            ms(gw.stats.p50()),
+            ms(redis.stats.p50()),
+            ratio(q),
+            verdict(q <= TARGET_2048_BASE64_VS_REDIS, &[gw, redis])
+        );
+    }
+    if let (Some(float), Some(b64)) = (run("hit2048/float"), run("hit2048/base64")) {
+        any_target = true;
+        let q = float.stats.p50() / b64.stats.p50();
+        let _ = writeln!(
+            md,
+            "| 2048×{DIMS} float JSON no worse than {TARGET_FLOAT_VS_BASE64}× base64 (p50, 1 \
+             connection) | {} ms vs {} ms = {}× | {} |",
+            ms(float.stats.p50()),
+            ms(b64.stats.p50()),
+            ratio(q),
+            verdict(q <= TARGET_FLOAT_VS_BASE64, &[float, b64])
+        );
+    }
+    if !any_target {
+        md.push_str("| (no target measured in this run) | | |\n");
+    }
+    md.push('\n');
+
+    // All-hit runs.
+    let groups: [(&str, &str); 5] = [
+        ("1 input", "hit1"),
+        ("64 × 1536", "hit64"),
+        ("2048 × 1536 (latency)", "hit2048"),
+        ("2048 × 1536 (load)", "hit2048-load"),
+        ("Zipf, see below", "zipf"),
+    ];
+    if groups
+        .iter()
+        .any(|(_, p)| run(&format!("{p}/redis")).is_some())
+    {
+        md.push_str("## All-hit requests: gateway vs. the bare Redis ceiling\n\n");
+        md.push_str(
+            "The ceiling is a bare `redis` client (one multiplexed connection, as the \
+             gateway has) sending the very MGETs the gateway sends for the same requests, \
+             at the same concurrency. Ratios are gateway / ceiling: req/s (higher is \
+             better, 1.0 = as fast as Redis alone) and p50 latency (lower is better). \
+             CPU columns are CPU time each process used during the window divided by \
+             the requests completed (the load generator shares the 2 cores).\n\n",
+        );
+        md.push_str(
+            "| Scenario | Client | Conns | Requests | Errors | Not hit | Req/s | p50 ms | p99 ms \
+             | Received MB/s | Req/s ratio | p50 ratio | Gateway CPU µs/req | Redis CPU µs/req \
+             | Loadgen CPU µs/req |\n",
+        );
+        md.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        for (title, prefix) in groups {
+            let ceiling = run(&format!("{prefix}/redis"));
+            for leaf in ["float", "base64", "redis"] {
+                let id = format!("{prefix}/{leaf}");
+                let Some(x) = run(&id) else { continue };
+                let st = &x.stats;
+                let (rps_ratio, p50_ratio) = match (leaf, ceiling) {
+                    ("redis", _) | (_, None) => ("".to_owned(), "".to_owned()),
+                    (_, Some(c)) => (
+                        ratio(st.per_second() / c.stats.per_second()),
+                        ratio(st.p50() / c.stats.p50()),
+                    ),
+                };
+                let gateway_cpu = if leaf == "redis" {
+                    "".to_owned()
+                } else {
+                    per_request_us(x.cpu.gateway, x)
+                };
+                let _ = writeln!(
+                    md,
+                    "| {title} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {rps_ratio} \
+                     | {p50_ratio} | {gateway_cpu} | {} | {} |",
+                    client_label(&id),
+                    st.concurrency,
+                    st.ok,
+                    st.errors,
+                    st.not_hit,
+                    st.per_second(),
+                    ms(st.p50()),
+                    ms(st.p99()),
+                    st.bytes as f64 / 1e6 / st.window.as_secs_f64().max(1e-9),
+                    per_request_us(x.cpu.redis, x),
+                    per_request_us(x.cpu.loadgen, x),
+                );
+            }
+        }
+        md.push('\n');
+        let errors: Vec<String> = r
+            .runs
+            .iter()
+            .filter_map(|(id, x)| {
+                x.stats
+                    .first_error
+                    .as_ref()
+                    .map(|e| format!("- `{id}`: {e}"))
+            })
+            .collect();
+        if !errors.is_empty() {
+            md.push_str("First error of each run that had errors:\n\n");
+            md.push_str(&errors.join("\n"));
+            md.push_str("\n\n");
+        }
+    }
+
+    // Miss path.
+    if run("miss1/gateway").is_some() {
+        md.push_str("## Miss path: what the gateway adds over calling the vendor\n\n");
+        let _ = writeln!(
+            md,
+            "Every request carries inputs never seen before (base64), so each gateway \
+             request is a miss: key derivation, MGET, coalescing claim, a second MGET, exact \
+             token counting, the vendor call, MSET, response. \"Direct\" sends the same shape \
+             of request straight to the fake vendor (no added latency), {} connection(s).\n",
+            s.concurrency_miss
+        );
+        md.push_str(
+            "| Inputs | Direct p50 ms | Direct p99 ms | Gateway p50 ms | Gateway p99 ms \
+             | Added p50 ms | Added p99 ms | Requests direct / gateway | Errors | Gateway CPU \
+             µs/req |\n|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for (inputs, d, g) in [
+            (1, "miss1/direct", "miss1/gateway"),
+            (64, "miss64/direct", "miss64/gateway"),
+        ] {
+            let (Some(d), Some(g)) = (run(d), run(g)) else {
+                continue;
+            };
+            let _ = writeln!(
+                md,
+                "| {inputs} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+                ms(d.stats.p50()),
+                ms(d.stats.p99()),
+                ms(g.stats.p50()),
+                ms(g.stats.p99()),
+                ms(g.stats.p50() - d.stats.p50()),
+                ms(g.stats.p99() - d.stats.p99()),
+                d.stats.ok,
+                g.stats.ok,
+                d.stats.errors + g.stats.errors,
+                per_request_us(g.cpu.gateway, g),
+            );
+        }
+        md.push_str(
+            "\nThe fake vendor runs inside the load generator, so its CPU is not in the \
+             gateway column. A negative \"added\" figure is noise.\n\n",
+        );
+    }
+
+    // Zipf.
+    if let Some(z) = &r.zipf {
+        md.push_str("## Skewed workload (Zipf)\n\n");
+        let _ = writeln!(
+            md,
+            "{} requests of {} inputs each (base64), ranks drawn over {} keys with \
+             P(rank k) ∝ 1/k^{}: the hottest 1% of keys take {:.0}% of lookups, the \
+             hottest 100 keys {:.0}%. The requests touch {} distinct keys ({:.0} MB of \
+             entries), all stored before the run; rows are in the table above. This is \
+             the baseline for an in-process L1 cache: rerun with `bench/run.sh --only zipf \
+             --gateway-env EMBGATE__L1__MAX_BYTES=<bytes> --out <file>` to compare.\n",
+            z.requests,
+            z.inputs,
+            z.keys,
+            z.exponent,
+            z.top_1pct_share * 100.0,
+            z.top_100_share * 100.0,
+            z.touched,
+            (z.touched * ENTRY_BYTES) as f64 / 1e6,
+        );
+        if let (Some(gw), Some(c)) = (run("zipf/base64"), run("zipf/redis")) {
+            let _ = writeln!(
+                md,
+                "Gateway: {:.0} req/s, p50 {} ms, p99 {} ms; bare Redis: {:.0} req/s \
+                 (ratio {}).\n",
+                gw.stats.per_second(),
+                ms(gw.stats.p50()),
+                ms(gw.stats.p99()),
+                c.stats.per_second(),
+                ratio(gw.stats.per_second() / c.stats.per_second())
+            );
+        }
+    }
+
+    // Memory.
+    if r.memory.peak_2048.is_some() || r.memory.after_warmup_rss.is_some() {
+        md.push_str("## Gateway memory\n\n| Measure | Value |\n|---|--:|\n");
+        let _ = writeln!(
+            md,
+            "| RSS after warm-up (VmRSS) | {} |",
+            mib(r.memory.after_warmup_rss)
+        );
+        if r.memory.peak_2048.is_some() {
+            let _ = writeln!(
+                md,
+                "| Peak RSS before the 2048-input runs (VmHWM; startup, warm-up misses, smaller runs) | {} |",
+                mib(r.memory.peak_before_2048)
+            );
+            let label = if r.memory.reset_worked {
+                format!(
+                    "Peak RSS during the 2048-input runs (VmHWM reset before them; up to {} \
+                     concurrent requests)",
+                    s.concurrency_2048
+                )
+            } else {
+                "Peak RSS up to the end of the 2048-input runs (VmHWM; could not be reset)"
+                    .to_owned()
+            };
+            let _ = writeln!(md, "| {label} | {} |", mib(r.memory.peak_2048));
+        }
+        md.push('\n');
+    }
+
+    // Criterion.
+    if let Some(text) = input.criterion {
+        let rows = parse_bencher(text);
+        md.push_str("## Hot-path micro-benchmarks (criterion)\n\n");
+        md.push_str(
+            "`cargo bench --bench hot_path` (benches/hot_path.rs), median per iteration; \
+             inputs are ~20-token sentences, vectors 1536 floats.\n\n",
+        );
+        if rows.is_empty() {
+            md.push_str("(no results found in the criterion output)\n\n");
+        } else {
+            md.push_str("| Benchmark | Median | Per item |\n|---|--:|--:|\n");
+            for (name, ns) in rows {
+                let per = items_in(&name)
+                    .filter(|n| *n > 1)
+                    .map(|n| duration_ns(ns / n as f64))
+                    .unwrap_or_default();
+                let _ = writeln!(md, "| `{name}` | {} | {per} |", duration_ns(ns));
+            }
+            md.push('\n');
+        }
+    }
+
+    md.push_str("## Notes\n\n");
+    let _ = writeln!(
+        md,
+        "- Connections: {} for 1-input and Zipf runs, {} for 64-input runs, 1 (latency) and \
+         {} (load) for 2048-input runs. Gateway, Redis, load generator and fake vendor share \
+         the same {} cores, so absolute figures are lower than on a dedicated host; ratios \
+         compare like with like.",
+        s.concurrency, s.concurrency_64, s.concurrency_2048, m.nproc
+    );
+    md.push_str(
+        "- Latency is measured from sending the request to receiving the last body byte. \
+         \"Not hit\" counts 200 responses whose `x-embgate-cache` was not `hit` (for the \
+         ceiling: MGET replies with a missing key); any non-200 is an error.\n",
+    );
+    let _ = writeln!(
+        md,
+        "- The harness uses its own key prefix (`embgate-bench-<pid>`) and deletes its keys \
+         with SCAN + DEL at the end{}.",
+        r.deleted_keys
+            .map(|n| format!(" ({n} keys this run)"))
+            .unwrap_or_default()
+    );
+    if r.store_warnings > 0 {
+        let _ = writeln!(
+            md,
+            "- The gateway logged {} \"store failed\" warnings (each turns a would-be hit \
+             into a vendor call).",
+            r.store_warnings
+        );
+    }
+    md
+}
+
+/// `(name, median ns)` from criterion's `--output-format bencher` lines:
+/// `test NAME ... bench:      12,345 ns/iter (+/- 67)`.
+fn parse_bencher(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("test ")?;
+            let (name, rest) = rest.split_once(" ... bench:")?;
+            let mut parts = rest.split_whitespace();
+            let value: f64 = parts.next()?.replace(',', "").parse().ok()?;
+            let unit = parts.next()?.strip_suffix("/iter")?;
+            let scale = match unit {
+                "ns" => 1.0,
+                "us" | "µs" => 1e3,
+                "ms" => 1e6,
+                "s" => 1e9,
+                _ => return None,
+            };
+            Some((name.trim().to_owned(), value * scale))
+        })
+        .collect()
+}
+
+/// Items a benchmark handles, from its last name segment: `64` or `64x1536`.
+fn items_in(name: &str) -> Option<u64> {
+    let last = name.rsplit('/').next()?;
+    last.split('x').next()?.parse().ok()
+}
+
+fn duration_ns(ns: f64) -> String {
+    if ns < 1e3 {
+        format!("{ns:.0} ns")
+    } else if ns < 1e6 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{:.2} ms", ns / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bencher_lines() {
+        let text = "Benchmarking x\ntest parse_request/64 ... bench:      12,345 ns/iter (+/- 67)\n\
+                    test write_response/float/64x1536 ... bench:   1,000,000 ns/iter (+/- 1)\n";
+        let rows = parse_bencher(text);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], ("parse_request/64".to_owned(), 12345.0));
+        assert_eq!(items_in(&rows[1].0), Some(64));
+        assert_eq!(items_in("entry_decode/1x1536"), Some(1));
+    }
+}
