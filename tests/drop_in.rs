@@ -308,10 +308,13 @@ async fn models_are_routed_to_their_vendor() {
     assert_eq!(acme.embedding_requests().len(), 1);
 }
 
+/// One call to the Azure endpoint: path, query, `api-key`, `authorization`.
+type AzureCall = (String, Option<String>, Option<String>, Option<String>);
+
 /// What an Azure OpenAI endpoint was asked.
 #[derive(Default)]
 struct AzureLog {
-    seen: Mutex<Vec<(String, Option<String>, Option<String>, Option<String>)>>,
+    seen: Mutex<Vec<AzureCall>>,
 }
 
 async fn azure_endpoint(
