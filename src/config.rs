@@ -29,6 +29,9 @@ max_concurrency = 4
 max_retries = 4
 retry_deadline_secs = 60
 
+[ledger]
+sync_secs = 5
+
 [auth]
 mode = "auto"
 verify_ttl_secs = 300
@@ -58,6 +61,7 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub coalesce: CoalesceSettings,
     pub auth: AuthSettings,
+    pub ledger: LedgerSettings,
     /// More vendors, by name, each serving the models it lists.
     #[serde(default)]
     pub upstreams: HashMap<String, NamedUpstream>,
@@ -86,6 +90,13 @@ pub struct UpstreamSettings {
     pub max_concurrency: usize,
     pub max_retries: u32,
     pub retry_deadline_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LedgerSettings {
+    /// How often the savings ledger is written to Redis and the store
+    /// gauges (entries, memory) are refreshed.
+    pub sync_secs: u64,
 }
 
 /// Who may use the gateway, and whose vendor key pays.
@@ -228,6 +239,9 @@ impl Settings {
             || self.upstream.max_concurrency == 0
         {
             return invalid("upstream.max_*", "batch limits must be positive");
+        }
+        if self.ledger.sync_secs == 0 {
+            return invalid("ledger.sync_secs", "must be positive");
         }
         if self.coalesce.lease_ms == 0 || self.coalesce.poll_ms == 0 {
             return invalid("coalesce", "lease_ms and poll_ms must be positive");

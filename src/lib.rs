@@ -8,8 +8,10 @@ pub mod auth;
 pub mod config;
 pub mod entry;
 pub mod error;
+pub mod housekeeping;
 pub mod inflight;
 pub mod key;
+pub mod ledger;
 pub mod metrics;
 pub mod passthrough;
 pub mod pipeline;
@@ -21,10 +23,14 @@ pub mod upstream;
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
 use crate::config::Settings;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::pipeline::Embedder;
 use crate::protocol::Limits;
@@ -54,6 +60,8 @@ pub struct Gateway {
     pub router: axum::Router,
     pub embedder: Arc<Embedder>,
     pub metrics: Arc<Metrics>,
+    pub ledger: Arc<Ledger>,
+    sync_every: Duration,
 }
 
 impl Gateway {
@@ -63,11 +71,17 @@ impl Gateway {
         let upstreams = Upstreams::new(settings, &metrics).map_err(StartupError::Upstream)?;
         let auth =
             Arc::new(Auth::new(settings, Arc::clone(&metrics)).map_err(StartupError::Upstream)?);
+        let ledger = Arc::new(Ledger::new(
+            store.clone(),
+            &settings.store.key_prefix,
+            Arc::clone(&metrics),
+        ));
         let embedder = Arc::new(Embedder::new(
             settings,
             store,
             upstreams,
             Arc::clone(&metrics),
+            Arc::clone(&ledger),
         ));
         let state = AppState {
             auth,
@@ -83,6 +97,8 @@ impl Gateway {
             router: routes::router(state),
             embedder,
             metrics,
+            ledger,
+            sync_every: Duration::from_secs(settings.ledger.sync_secs),
         })
     }
 
@@ -93,11 +109,22 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router)
+        let stop = CancellationToken::new();
+        let housekeeping = tokio::spawn(housekeeping::run(
+            Arc::clone(&self.ledger),
+            self.embedder.store().clone(),
+            Arc::clone(&self.metrics),
+            self.sync_every,
+            stop.clone(),
+        ));
+        let served = axum::serve(listener, self.router)
             .with_graceful_shutdown(shutdown)
-            .await?;
+            .await;
+        // In-flight fetches finish and store before the ledger's last flush.
         self.embedder.drain().await;
-        Ok(())
+        stop.cancel();
+        let _ = housekeeping.await;
+        served
     }
 }
 

@@ -2,8 +2,8 @@
 //! several gateways in one process (tests) never mix their counts.
 
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -26,6 +26,12 @@ pub struct Metrics {
     pub tenant_saved_usd: CounterVec,
     pub tenant_spent_usd: CounterVec,
     pub auth_verifications: IntCounterVec,
+    pub ledger_saved_tokens: GaugeVec,
+    pub ledger_saved_usd: GaugeVec,
+    pub ledger_spent_tokens: GaugeVec,
+    pub ledger_spent_usd: GaugeVec,
+    pub store_entries: IntGauge,
+    pub store_memory_bytes: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -62,6 +68,16 @@ impl Metrics {
             &["route"],
         )?;
         registry.register(Box::new(http_duration.clone()))?;
+        let gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["model", "tenant"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
+        let int_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
         let store_up = IntGauge::new(
             "embgate_store_up",
             "1 while the last store operation succeeded, 0 while Redis is failing (serving from the vendor).",
@@ -146,6 +162,30 @@ impl Metrics {
                 "embgate_auth_verifications_total",
                 "Caller keys checked with the vendor (forward mode), by result (accepted|rejected|error).",
                 &["result"],
+            )?,
+            ledger_saved_tokens: gauge(
+                "embgate_ledger_saved_tokens",
+                "All-time tokens saved (ledger kept in Redis; survives restarts), by model and tenant.",
+            )?,
+            ledger_saved_usd: gauge(
+                "embgate_ledger_saved_usd",
+                "All-time US dollars saved (ledger kept in Redis), by model and tenant.",
+            )?,
+            ledger_spent_tokens: gauge(
+                "embgate_ledger_spent_tokens",
+                "All-time tokens paid to the vendor (ledger kept in Redis), by model and tenant.",
+            )?,
+            ledger_spent_usd: gauge(
+                "embgate_ledger_spent_usd",
+                "All-time US dollars paid to the vendor (ledger kept in Redis), by model and tenant.",
+            )?,
+            store_entries: int_gauge(
+                "embgate_store_entries",
+                "Keys in the Redis database (DBSIZE), refreshed periodically.",
+            )?,
+            store_memory_bytes: int_gauge(
+                "embgate_store_memory_bytes",
+                "Memory Redis uses (INFO used_memory), refreshed periodically.",
             )?,
             registry,
         })

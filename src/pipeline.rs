@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::entry::Entry;
 use crate::inflight::{self, Claim, Inflight, Promise};
 use crate::key::{KeyHash, KeyScope};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::protocol::{EmbeddingRequest, Input};
 use crate::store::{Store, StoreError};
@@ -100,6 +101,7 @@ pub struct Embedder {
     store: Store,
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
+    ledger: Arc<Ledger>,
     prices: HashMap<String, f64>,
     key_prefix: String,
     batch: BatchLimits,
@@ -156,11 +158,13 @@ impl Embedder {
         store: Store,
         upstreams: Upstreams,
         metrics: Arc<Metrics>,
+        ledger: Arc<Ledger>,
     ) -> Self {
         Embedder {
             store,
             upstreams,
             metrics,
+            ledger,
             prices: settings.prices.clone(),
             key_prefix: settings.store.key_prefix.clone(),
             batch: BatchLimits {
@@ -292,6 +296,8 @@ impl Embedder {
                 .tenant_saved_usd
                 .with_label_values(&[&*ctx.tenant, model])
                 .inc_by(usd);
+            self.ledger
+                .record(&ctx.tenant, model, saved, 0, self.price(model));
         }
         let cache = match fetched_slots {
             0 => CacheStatus::Hit,
@@ -673,6 +679,8 @@ impl Embedder {
             .tenant_spent_usd
             .with_label_values(&[tenant, model])
             .inc_by(usd);
+        self.ledger
+            .record(tenant, model, 0, billed, self.price(model));
         self.metrics
             .upstream_inputs
             .with_label_values(&[model])

@@ -145,6 +145,26 @@ impl Store {
         .await
     }
 
+    /// Keys in the database (DBSIZE) and Redis' `used_memory`.
+    pub async fn size(&self) -> Result<(u64, u64), StoreError> {
+        let mut conn = self.conn.clone();
+        let (keys, info): (u64, String) = bounded(
+            self.write_timeout,
+            redis::pipe()
+                .cmd("DBSIZE")
+                .cmd("INFO")
+                .arg("memory")
+                .query_async(&mut conn),
+        )
+        .await?;
+        let memory = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Ok((keys, memory))
+    }
+
     /// The connection, for tools (migrations, stats) that need more commands.
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()

@@ -1,0 +1,225 @@
+//! The all-time ledger of tokens and dollars saved and spent, per model and
+//! tenant, kept in Redis so the totals survive restarts (Prometheus counters
+//! start again at zero).
+//!
+//! Requests only add to an in-memory tally; a background task flushes it
+//! with one pipelined batch of HINCRBY/HINCRBYFLOAT every few seconds (and
+//! at shutdown), then reads the whole ledger back into gauges. A failed
+//! flush keeps the tally for the next one, so nothing is lost while Redis
+//! is away.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// The four quantities the ledger tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    SavedTokens,
+    SavedUsd,
+    SpentTokens,
+    SpentUsd,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::SavedTokens,
+        Kind::SavedUsd,
+        Kind::SpentTokens,
+        Kind::SpentUsd,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::SavedTokens => "saved_tokens",
+            Kind::SavedUsd => "saved_usd",
+            Kind::SpentTokens => "spent_tokens",
+            Kind::SpentUsd => "spent_usd",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    fn is_tokens(self) -> bool {
+        matches!(self, Kind::SavedTokens | Kind::SpentTokens)
+    }
+}
+
+/// One ledger line: a quantity for a tenant and model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Account {
+    pub kind: Kind,
+    pub tenant: String,
+    pub model: String,
+}
+
+impl Account {
+    /// The Redis hash field: `kind \t tenant \t model` (the model last, so
+    /// any character in it survives).
+    fn field(&self) -> String {
+        format!("{}\t{}\t{}", self.kind.as_str(), self.tenant, self.model)
+    }
+
+    fn parse(field: &str) -> Option<Account> {
+        let mut parts = field.splitn(3, '\t');
+        Some(Account {
+            kind: Kind::parse(parts.next()?)?,
+            tenant: parts.next()?.to_owned(),
+            model: parts.next()?.to_owned(),
+        })
+    }
+}
+
+pub struct Ledger {
+    store: Store,
+    key: String,
+    pending: Mutex<HashMap<Account, f64>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Ledger {
+    pub fn new(store: Store, key_prefix: &str, metrics: Arc<Metrics>) -> Ledger {
+        Ledger {
+            store,
+            key: ledger_key(key_prefix),
+            pending: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    pub fn record(
+        &self,
+        tenant: &str,
+        model: &str,
+        saved_tokens: u64,
+        spent_tokens: u64,
+        price: f64,
+    ) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut add = |kind: Kind, amount: f64| {
+            if amount > 0.0 {
+                let account = Account {
+                    kind,
+                    tenant: tenant.to_owned(),
+                    model: model.to_owned(),
+                };
+                *pending.entry(account).or_insert(0.0) += amount;
+            }
+        };
+        add(Kind::SavedTokens, saved_tokens as f64);
+        add(Kind::SavedUsd, saved_tokens as f64 * price / 1e6);
+        add(Kind::SpentTokens, spent_tokens as f64);
+        add(Kind::SpentUsd, spent_tokens as f64 * price / 1e6);
+    }
+
+    /// Writes the tally to Redis; on failure it is kept for the next flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let batch: Vec<(Account, f64)> = {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.drain().collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (account, amount) in &batch {
+            if account.kind.is_tokens() {
+                pipe.cmd("HINCRBY")
+                    .arg(&self.key)
+                    .arg(account.field())
+                    .arg(*amount as i64)
+                    .ignore();
+            } else {
+                pipe.cmd("HINCRBYFLOAT")
+                    .arg(&self.key)
+                    .arg(account.field())
+                    .arg(*amount)
+                    .ignore();
+            }
+        }
+        let mut conn = self.store.connection();
+        let written = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            pipe.query_async::<()>(&mut conn),
+        )
+        .await;
+        let result = match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout(std::time::Duration::from_secs(5))),
+        };
+        if result.is_err() {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            for (account, amount) in batch {
+                *pending.entry(account).or_insert(0.0) += amount;
+            }
+        }
+        result
+    }
+
+    /// Reads the whole ledger from Redis.
+    pub async fn read(&self) -> Result<Vec<(Account, f64)>, StoreError> {
+        read_ledger(&self.store, &self.key).await
+    }
+
+    /// Flushes, then mirrors the ledger into the `embgate_ledger_*` gauges.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.flush().await?;
+        for (account, value) in self.read().await? {
+            let gauge = match account.kind {
+                Kind::SavedTokens => &self.metrics.ledger_saved_tokens,
+                Kind::SavedUsd => &self.metrics.ledger_saved_usd,
+                Kind::SpentTokens => &self.metrics.ledger_spent_tokens,
+                Kind::SpentUsd => &self.metrics.ledger_spent_usd,
+            };
+            gauge
+                .with_label_values(&[account.model.as_str(), account.tenant.as_str()])
+                .set(value);
+        }
+        Ok(())
+    }
+}
+
+pub fn ledger_key(key_prefix: &str) -> String {
+    format!("{key_prefix}:ledger")
+}
+
+pub async fn read_ledger(store: &Store, key: &str) -> Result<Vec<(Account, f64)>, StoreError> {
+    let mut conn = store.connection();
+    let fields: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await?;
+    let mut lines: Vec<(Account, f64)> = fields
+        .into_iter()
+        .filter_map(|(field, value)| Some((Account::parse(&field)?, value.parse().ok()?)))
+        .collect();
+    lines.sort_by(|a, b| {
+        (&a.0.model, &a.0.tenant, a.0.kind.as_str()).cmp(&(
+            &b.0.model,
+            &b.0.tenant,
+            b.0.kind.as_str(),
+        ))
+    });
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_round_trip_even_with_odd_model_names() {
+        let a = Account {
+            kind: Kind::SpentUsd,
+            tenant: "search".into(),
+            model: "org/model\twith:tab".into(),
+        };
+        assert_eq!(Account::parse(&a.field()), Some(a));
+        assert_eq!(Account::parse("nonsense"), None);
+    }
+}
