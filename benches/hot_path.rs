@@ -93,7 +93,9 @@ fn keys(c: &mut Criterion) {
 
 fn decode(c: &mut Criterion) {
     let key = scope().hasher().key(&Input::Text(text(0)));
-    let stored: Bytes = Entry::encode(&key, &vector(0), 20).as_bytes().clone();
+    let stored: Bytes = Entry::encode(&key, "text-embedding-3-small", &vector(0), 20)
+        .as_bytes()
+        .clone();
     let mut group = c.benchmark_group("entry_decode");
     group.throughput(Throughput::Bytes(stored.len() as u64));
     group.bench_function("1x1536", |b| {
@@ -135,7 +137,7 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
-        .sample_size(50);
+        .sample_size(30);
     targets = parse, keys, decode, write
 }
 criterion_main!(hot_path);

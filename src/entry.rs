@@ -1,16 +1,23 @@
-//! The stored form of one vector: a 20-byte header and the raw little-endian
+//! The stored form of one vector: a 32-byte header and the raw little-endian
 //! f32 values, so a hit is served (as base64 or floats) straight from the
 //! bytes Redis returned.
 //!
 //! ```text
 //! 0..2   magic "EG"
-//! 2      format version (1)
+//! 2      format version (2)
 //! 3      flags (0)
 //! 4..8   dimensions, u32 LE
 //! 8..12  tokens the vendor bills for this input, u32 LE
-//! 12..20 xxh3-64 of (key hash, bytes 0..12, payload), u64 LE
-//! 20..   dimensions x f32 LE
+//! 12..16 model tag: first 4 bytes of blake3(model), LE (0: unknown)
+//! 16..20 written at, unix seconds, u32 LE
+//! 20..24 reserved (0)
+//! 24..32 xxh3-64 of (key hash, bytes 0..24, payload), u64 LE
+//! 32..   dimensions x f32 LE
 //! ```
+//!
+//! The model tag and write time let operators see and purge entries by
+//! model and age (`embgate stats`). Format 1 (20-byte header, no tag or
+//! time) is upgraded by `embgate migrate` (migrations/m0001_entry_format_2.rs).
 //!
 //! The checksum binds the value to its key: a corrupted value, or a valid
 //! value copied under another key, fails to decode and is treated as a miss.
@@ -20,9 +27,10 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::key::KeyHash;
 
-pub const HEADER_LEN: usize = 20;
-const MAGIC: &[u8; 2] = b"EG";
-pub const FORMAT_VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 32;
+pub const MAGIC: &[u8; 2] = b"EG";
+pub const FORMAT_VERSION: u8 = 2;
+const CHECKED: usize = 24;
 
 /// A decoded, verified entry. Cheap to clone: it shares the stored bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,20 +53,34 @@ pub enum DecodeError {
 }
 
 impl Entry {
-    /// Encodes a vector for `key`. `values` must be finite (checked upstream).
-    pub fn encode(key: &KeyHash, values: &[f32], tokens: u32) -> Entry {
-        let mut buf = Vec::with_capacity(HEADER_LEN + values.len() * 4);
+    /// Encodes a vector of `model` for `key`, written now. `values` must be
+    /// finite (checked upstream).
+    pub fn encode(key: &KeyHash, model: &str, values: &[f32], tokens: u32) -> Entry {
+        let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self::from_parts(key, &payload, tokens, model_tag(model), unix_now())
+    }
+
+    /// Assembles an entry from its parts; `payload` is LE f32 bytes.
+    pub fn from_parts(
+        key: &KeyHash,
+        payload: &[u8],
+        tokens: u32,
+        model_tag: u32,
+        written_at: u32,
+    ) -> Entry {
+        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
         buf.extend_from_slice(MAGIC);
         buf.push(FORMAT_VERSION);
         buf.push(0);
-        buf.extend_from_slice(&(values.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&((payload.len() / 4) as u32).to_le_bytes());
         buf.extend_from_slice(&tokens.to_le_bytes());
+        buf.extend_from_slice(&model_tag.to_le_bytes());
+        buf.extend_from_slice(&written_at.to_le_bytes());
+        buf.extend_from_slice(&[0; 4]);
         buf.extend_from_slice(&[0; 8]);
-        for v in values {
-            buf.extend_from_slice(&v.to_le_bytes());
-        }
-        let sum = checksum(key, &buf[..12], &buf[HEADER_LEN..]);
-        buf[12..20].copy_from_slice(&sum.to_le_bytes());
+        buf.extend_from_slice(payload);
+        let sum = checksum(key, &buf[..CHECKED], &buf[HEADER_LEN..]);
+        buf[CHECKED..HEADER_LEN].copy_from_slice(&sum.to_le_bytes());
         Entry { bytes: buf.into() }
     }
 
@@ -84,8 +106,12 @@ impl Entry {
                 wanted,
             });
         }
-        let stored = u64::from_le_bytes(bytes[12..20].try_into().map_err(|_| DecodeError::Length)?);
-        if stored != checksum(key, &bytes[..12], &bytes[HEADER_LEN..]) {
+        let stored = u64::from_le_bytes(
+            bytes[CHECKED..HEADER_LEN]
+                .try_into()
+                .map_err(|_| DecodeError::Length)?,
+        );
+        if stored != checksum(key, &bytes[..CHECKED], &bytes[HEADER_LEN..]) {
             return Err(DecodeError::Checksum);
         }
         Ok(Entry { bytes })
@@ -99,6 +125,15 @@ impl Entry {
         read_u32(&self.bytes[8..12])
     }
 
+    pub fn model_tag(&self) -> u32 {
+        read_u32(&self.bytes[12..16])
+    }
+
+    /// Unix seconds when the vendor's answer was stored.
+    pub fn written_at(&self) -> u32 {
+        read_u32(&self.bytes[16..20])
+    }
+
     /// The vector as little-endian f32 bytes.
     pub fn payload(&self) -> &[u8] {
         &self.bytes[HEADER_LEN..]
@@ -108,6 +143,19 @@ impl Entry {
     pub fn as_bytes(&self) -> &Bytes {
         &self.bytes
     }
+}
+
+/// The tag identifying `model` in entry headers.
+pub fn model_tag(model: &str) -> u32 {
+    let hash = blake3::hash(model.as_bytes());
+    let b = hash.as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn unix_now() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
 fn read_u32(b: &[u8]) -> u32 {
@@ -131,11 +179,13 @@ mod tests {
     #[test]
     fn round_trips_and_stays_compact() {
         let values = [0.25f32, -1.0, 3.5e-8];
-        let e = Entry::encode(&KEY, &values, 42);
+        let e = Entry::encode(&KEY, "m", &values, 42);
         assert!(e.as_bytes().len() <= 4 * values.len() + 64);
         let d = Entry::decode(&KEY, e.as_bytes().clone(), Some(3)).expect("decodes");
         assert_eq!(d.dimensions(), 3);
         assert_eq!(d.tokens(), 42);
+        assert_eq!(d.model_tag(), model_tag("m"));
+        assert!(d.written_at() > 1_700_000_000);
         let back: Vec<f32> = d
             .payload()
             .chunks_exact(4)
@@ -146,7 +196,7 @@ mod tests {
 
     #[test]
     fn detects_corruption_foreign_values_and_wrong_keys() {
-        let e = Entry::encode(&KEY, &[1.0, 2.0], 1);
+        let e = Entry::encode(&KEY, "m", &[1.0, 2.0], 1);
         let bytes = e.as_bytes().clone();
         let mut flipped = bytes.to_vec();
         flipped[HEADER_LEN + 1] ^= 1;

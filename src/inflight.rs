@@ -113,7 +113,7 @@ mod tests {
         assert!(second.iter().all(|c| matches!(c, Claim::Follow(_))));
         assert_eq!(inflight.len(), 2);
 
-        let entry = Entry::encode(&a, &[1.0], 1);
+        let entry = Entry::encode(&a, "m", &[1.0], 1);
         let (Some(Claim::Lead(pb)), Some(Claim::Lead(pa))) = (first.pop(), first.pop()) else {
             panic!("leader claims expected");
         };

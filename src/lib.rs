@@ -13,13 +13,18 @@ pub mod inflight;
 pub mod key;
 pub mod ledger;
 pub mod metrics;
+pub mod migrate;
+#[path = "../migrations/mod.rs"]
+pub mod migrations;
 pub mod passthrough;
 pub mod pipeline;
 pub mod protocol;
 pub mod routes;
+pub mod stats;
 pub mod store;
 pub mod tokens;
 pub mod upstream;
+pub mod warm;
 
 use std::sync::Arc;
 
@@ -48,6 +53,10 @@ pub enum StartupError {
     Metrics(#[from] prometheus::Error),
     #[error("upstream: {0}")]
     Upstream(String),
+    #[error("auth: {0}")]
+    Auth(String),
+    #[error(transparent)]
+    Keyspace(migrate::MigrateError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -69,8 +78,7 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new()?);
         let store = Store::connect_lazy(&settings.store)?;
         let upstreams = Upstreams::new(settings, &metrics).map_err(StartupError::Upstream)?;
-        let auth =
-            Arc::new(Auth::new(settings, Arc::clone(&metrics)).map_err(StartupError::Upstream)?);
+        let auth = Arc::new(Auth::new(settings, Arc::clone(&metrics)).map_err(StartupError::Auth)?);
         let ledger = Arc::new(Ledger::new(
             store.clone(),
             &settings.store.key_prefix,
@@ -134,6 +142,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     let gateway = Gateway::new(settings)?;
+    match migrate::check(gateway.embedder.store(), &settings.store.key_prefix).await {
+        Ok(()) => {}
+        Err(e @ (migrate::MigrateError::Newer { .. } | migrate::MigrateError::Older { .. })) => {
+            return Err(StartupError::Keyspace(e));
+        }
+        // Redis unreachable: serve from the vendor; the check runs next start.
+        Err(e) => tracing::warn!(error = %e, "keyspace version not checked"),
+    }
     let listener = TcpListener::bind(&settings.listen)
         .await
         .map_err(|source| StartupError::Listen {

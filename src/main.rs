@@ -21,6 +21,21 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve,
+    /// Apply pending keyspace migrations (resumable; safe to run twice).
+    Migrate {
+        /// Keys per SCAN step.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+    /// Print entries, bytes (by model) and the all-time savings ledger.
+    Stats,
+    /// Print the SHA-256 of a client key, for `auth.tenants.<name>.key_sha256`.
+    HashKey {
+        /// The client key.
+        key: String,
+    },
+    /// Fill the cache from a JSONL file of inputs (resumable batch re-indexing).
+    Warm(embgate::warm::WarmOptions),
 }
 
 #[tokio::main]
@@ -40,6 +55,13 @@ async fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve => embgate::run(&settings, shutdown_signal()).await,
+        Command::Migrate { batch } => migrate(&settings, batch).await,
+        Command::Stats => stats(&settings).await,
+        Command::HashKey { key } => {
+            println!("{}", embgate::auth::hash_key(&key));
+            Ok(())
+        }
+        Command::Warm(options) => return embgate::warm::cli(&settings, &options).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,6 +70,38 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn migrate(settings: &Settings, batch: usize) -> Result<(), embgate::StartupError> {
+    let store = embgate::store::Store::connect_lazy(&settings.store)?;
+    let report =
+        embgate::migrate::run_pending(&store, &settings.store.key_prefix, batch.max(1), None)
+            .await
+            .map_err(embgate::StartupError::Keyspace)?;
+    if report.from_version == report.to_version {
+        println!(
+            "keyspace at version {}: nothing to migrate",
+            report.to_version
+        );
+    } else {
+        println!(
+            "keyspace migrated from version {} to {}: {} entries scanned, {} rewritten, {} unreadable (left as misses)",
+            report.from_version,
+            report.to_version,
+            report.scanned,
+            report.rewritten,
+            report.unreadable
+        );
+    }
+    Ok(())
+}
+
+async fn stats(settings: &Settings) -> Result<(), embgate::StartupError> {
+    let store = embgate::store::Store::connect_lazy(&settings.store)?;
+    let models = settings.prices.keys().map(String::as_str);
+    let stats = embgate::stats::collect(&store, &settings.store.key_prefix, models).await?;
+    print!("{}", stats.render());
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

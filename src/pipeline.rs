@@ -600,7 +600,7 @@ impl Embedder {
             fetched.billed_tokens += billed;
             for (((miss, _), vector), tokens) in chunk_items.iter().zip(&answer.vectors).zip(counts)
             {
-                let entry = Entry::encode(&miss.hash, vector, tokens);
+                let entry = Entry::encode(&miss.hash, model, vector, tokens);
                 writes.push((
                     miss.hash.redis_key(&self.key_prefix),
                     entry.as_bytes().clone(),

@@ -86,7 +86,7 @@ async fn a_fleet_sharing_redis_pays_once_with_distributed_coalescing() {
     );
     assert_eq!(second.vendor.total_inputs_embedded(), 0);
     let leases: Vec<String> = first
-        .keys()
+        .all_keys()
         .await
         .into_iter()
         .filter(|k| k.contains(":lease:"))
@@ -218,7 +218,7 @@ async fn a_corrupt_entry_is_served_fresh_and_repaired() {
         Some(8),
         &Input::Text("x".into()),
     );
-    let impostor = Entry::encode(&other, &[0.5; 8], 1);
+    let impostor = Entry::encode(&other, SMALL, &[0.5; 8], 1);
     for planted in [b"[0.1,0.2]".to_vec(), impostor.as_bytes().to_vec()] {
         let _: () = redis::cmd("SET")
             .arg(&key)

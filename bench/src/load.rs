@@ -11,8 +11,9 @@ use hdrhistogram::Histogram;
 
 /// What one successful operation reports.
 pub struct Reply {
-    /// Whether every input was served from the cache (`None`: not applicable).
-    pub hit: Option<bool>,
+    /// Whether the cache status was the one the scenario expects: a hit in
+    /// all-hit runs, a miss for fresh inputs (`None`: not applicable).
+    pub as_expected: Option<bool>,
     /// Payload bytes received.
     pub bytes: u64,
 }
@@ -24,8 +25,8 @@ pub struct Stats {
     pub ok: u64,
     /// Failed operations (transport errors, non-200 statuses) in the window.
     pub errors: u64,
-    /// Successful operations that were not served wholly from the cache.
-    pub not_hit: u64,
+    /// Successful operations whose cache status was not the expected one.
+    pub unexpected: u64,
     pub first_error: Option<String>,
     pub bytes: u64,
     /// From the window's start to the last measured completion.
@@ -64,7 +65,7 @@ pub struct Plan {
 struct TaskResult {
     ok: u64,
     errors: u64,
-    not_hit: u64,
+    unexpected: u64,
     first_error: Option<String>,
     bytes: u64,
     last_done: Option<Instant>,
@@ -98,7 +99,7 @@ where
                 let mut r = TaskResult {
                     ok: 0,
                     errors: 0,
-                    not_hit: 0,
+                    unexpected: 0,
                     first_error: None,
                     bytes: 0,
                     last_done: None,
@@ -121,8 +122,8 @@ where
                         Ok(reply) => {
                             r.ok += 1;
                             r.bytes += reply.bytes;
-                            if reply.hit == Some(false) {
-                                r.not_hit += 1;
+                            if reply.as_expected == Some(false) {
+                                r.unexpected += 1;
                             }
                             let us = (done - began).as_micros().max(1) as u64;
                             r.latency.saturating_record(us);
@@ -142,7 +143,7 @@ where
         concurrency: plan.concurrency,
         ok: 0,
         errors: 0,
-        not_hit: 0,
+        unexpected: 0,
         first_error: None,
         bytes: 0,
         window: Duration::ZERO,
@@ -154,7 +155,7 @@ where
             Ok(r) => {
                 stats.ok += r.ok;
                 stats.errors += r.errors;
-                stats.not_hit += r.not_hit;
+                stats.unexpected += r.unexpected;
                 stats.bytes += r.bytes;
                 if stats.first_error.is_none() {
                     stats.first_error = r.first_error;

@@ -124,12 +124,12 @@ impl Args {
     }
 }
 
-/// CPU seconds used during a measured window, by process.
+/// CPU used during a measured window, by process.
 #[derive(Default, Clone, Copy)]
 pub struct Cpu {
-    pub gateway: Option<f64>,
-    pub redis: Option<f64>,
-    pub loadgen: Option<f64>,
+    pub gateway: Option<sys::CpuTime>,
+    pub redis: Option<sys::CpuTime>,
+    pub loadgen: Option<sys::CpuTime>,
 }
 
 pub struct Measured {
@@ -166,15 +166,16 @@ struct Context {
     ticks: f64,
 }
 
-impl Context {
-    fn cpu_now(&self) -> Cpu {
-        Cpu {
-            gateway: sys::cpu_seconds(self.gateway_pid, self.ticks),
-            redis: self.redis_pid.and_then(|p| sys::cpu_seconds(p, self.ticks)),
-            loadgen: sys::cpu_seconds(std::process::id(), self.ticks),
-        }
+/// CPU used so far by the gateway, Redis and this process.
+fn cpu_sample(gateway_pid: u32, redis_pid: Option<u32>, ticks: f64) -> Cpu {
+    Cpu {
+        gateway: sys::cpu_time(gateway_pid, ticks),
+        redis: redis_pid.and_then(|p| sys::cpu_time(p, ticks)),
+        loadgen: sys::cpu_time(std::process::id(), ticks),
     }
+}
 
+impl Context {
     /// Runs `op` under `plan`, with the CPU each process used in the window.
     async fn measure<F>(&self, label: &str, plan: Plan, op: F) -> Measured
     where
@@ -182,35 +183,27 @@ impl Context {
     {
         eprint!("  {label:<28} c={:<3} ", plan.concurrency);
         let warmup = plan.warmup;
-        let sampler = {
-            let gateway_pid = self.gateway_pid;
-            let redis_pid = self.redis_pid;
-            let ticks = self.ticks;
-            tokio::spawn(async move {
-                tokio::time::sleep(warmup).await;
-                Cpu {
-                    gateway: sys::cpu_seconds(gateway_pid, ticks),
-                    redis: redis_pid.and_then(|p| sys::cpu_seconds(p, ticks)),
-                    loadgen: sys::cpu_seconds(std::process::id(), ticks),
-                }
-            })
-        };
+        let (gateway_pid, redis_pid, ticks) = (self.gateway_pid, self.redis_pid, self.ticks);
+        let sampler = tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            cpu_sample(gateway_pid, redis_pid, ticks)
+        });
         let stats = load::run(plan, op).await;
-        let after = self.cpu_now();
+        let after = cpu_sample(gateway_pid, redis_pid, ticks);
         let before = sampler.await.unwrap_or_default();
-        let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        let diff = |a: Option<sys::CpuTime>, b: Option<sys::CpuTime>| Some(a?.since(b?));
         let cpu = Cpu {
             gateway: diff(after.gateway, before.gateway),
             redis: diff(after.redis, before.redis),
             loadgen: diff(after.loadgen, before.loadgen),
         };
         eprintln!(
-            "{:>9.0} req/s  p50 {:>9.3} ms  p99 {:>9.3} ms  errors {}  not-hit {}",
+            "{:>9.0} req/s  p50 {:>9.3} ms  p99 {:>9.3} ms  errors {}  unexpected cache status {}",
             stats.per_second(),
             stats.p50(),
             stats.p99(),
             stats.errors,
-            stats.not_hit
+            stats.unexpected
         );
         if let Some(e) = &stats.first_error {
             eprintln!("    first error: {e}");
@@ -219,8 +212,22 @@ impl Context {
     }
 }
 
+/// The cache status a scenario expects of the gateway.
+#[derive(Clone, Copy)]
+enum Expect {
+    Hit,
+    Miss,
+    /// Not a gateway, or no expectation.
+    Nothing,
+}
+
 /// POSTs one body; any status but 200 is an error.
-async fn post(http: reqwest::Client, url: Arc<str>, body: Bytes) -> Result<Reply, String> {
+async fn post(
+    http: reqwest::Client,
+    url: Arc<str>,
+    body: Bytes,
+    expect: Expect,
+) -> Result<Reply, String> {
     let mut resp = http
         .post(&*url)
         .header(CONTENT_TYPE, "application/json")
@@ -235,18 +242,20 @@ async fn post(http: reqwest::Client, url: Arc<str>, body: Bytes) -> Result<Reply
         let text: String = text.chars().take(300).collect();
         return Err(format!("HTTP {status}: {text}"));
     }
-    let hit = resp
-        .headers()
-        .get("x-embgate-cache")
-        .map(|v| v.as_bytes() == b"hit");
+    let cache = resp.headers().get("x-embgate-cache").map(|v| v.as_bytes());
+    let as_expected = match expect {
+        Expect::Hit => Some(cache == Some(b"hit")),
+        Expect::Miss => Some(cache == Some(b"miss")),
+        Expect::Nothing => None,
+    };
     let mut bytes = 0u64;
     while let Some(chunk) = resp.chunk().await.map_err(|e| format!("body: {e}"))? {
         bytes += chunk.len() as u64;
     }
-    Ok(Reply { hit, bytes })
+    Ok(Reply { as_expected, bytes })
 }
 
-/// Cycles through `bodies`, POSTing each to `url`.
+/// Cycles through `bodies`, POSTing each to the gateway (all hits expected).
 fn posting(
     http: &reqwest::Client,
     url: Arc<str>,
@@ -256,7 +265,7 @@ fn posting(
     let bodies = Arc::new(bodies);
     move |i| {
         let body = bodies[(i % bodies.len() as u64) as usize].clone();
-        Box::pin(post(http.clone(), Arc::clone(&url), body))
+        Box::pin(post(http.clone(), Arc::clone(&url), body, Expect::Hit))
     }
 }
 
@@ -278,7 +287,7 @@ fn mgetting(
                 .map_err(|e| format!("redis: {e}"))?;
             let bytes = values.iter().flatten().map(|v| v.len() as u64).sum();
             Ok(Reply {
-                hit: Some(values.iter().all(Option::is_some)),
+                as_expected: Some(values.iter().all(Option::is_some)),
                 bytes,
             })
         })
@@ -292,6 +301,7 @@ fn fresh(
     url: Arc<str>,
     side: &'static str,
     inputs: usize,
+    expect: Expect,
 ) -> impl Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static {
     let http = http.clone();
     move |i| {
@@ -300,7 +310,7 @@ fn fresh(
             .map(|j| workload::text(&set, i as usize * inputs + j))
             .collect();
         let body = workload::body(&texts, Format::Base64);
-        Box::pin(post(http.clone(), Arc::clone(&url), body))
+        Box::pin(post(http.clone(), Arc::clone(&url), body, expect))
     }
 }
 
@@ -433,13 +443,19 @@ async fn warm(ctx: &Context, texts: &[String]) -> Result<(), String> {
         while running.len() < 2 {
             match pending.next() {
                 Some(body) => {
-                    running.spawn(post(ctx.http.clone(), Arc::clone(&url), body));
+                    running.spawn(post(ctx.http.clone(), Arc::clone(&url), body, Expect::Miss));
                 }
                 None => break,
             }
         }
         match running.join_next().await {
-            Some(Ok(Ok(_))) => {}
+            Some(Ok(Ok(reply))) => {
+                if reply.as_expected != Some(true) {
+                    return Err(
+                        "a warm-up request was not a miss: keys left from another run?".into(),
+                    );
+                }
+            }
             Some(Ok(Err(e))) => return Err(format!("warm-up request failed: {e}")),
             Some(Err(e)) => return Err(format!("warm-up task failed: {e}")),
             None => return Ok(()),
@@ -642,12 +658,18 @@ async fn run_scenarios(
             (1usize, "miss1/direct", "miss1/gateway"),
             (64, "miss64/direct", "miss64/gateway"),
         ] {
-            let op = fresh(&ctx.http, Arc::clone(&direct), "direct", inputs);
+            let op = fresh(
+                &ctx.http,
+                Arc::clone(&direct),
+                "direct",
+                inputs,
+                Expect::Nothing,
+            );
             results
                 .runs
                 .insert(direct_id, ctx.measure(direct_id, plan, op).await);
             vendor.reset_records();
-            let op = fresh(&ctx.http, Arc::clone(&gw), "gateway", inputs);
+            let op = fresh(&ctx.http, Arc::clone(&gw), "gateway", inputs, Expect::Miss);
             results
                 .runs
                 .insert(gateway_id, ctx.measure(gateway_id, plan, op).await);

@@ -12,6 +12,8 @@ pub struct Machine {
     pub redis: String,
     pub date: String,
     pub commit: String,
+    /// /proc/loadavg's 1, 5 and 15-minute figures when the run started.
+    pub loadavg: String,
 }
 
 fn command(program: &str, args: &[&str]) -> Option<String> {
@@ -68,6 +70,10 @@ pub fn machine(redis_version: Option<String>) -> Machine {
         redis: redis_version.unwrap_or_else(unknown),
         date: command("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(unknown),
         commit,
+        loadavg: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(unknown),
     }
 }
 
@@ -79,9 +85,28 @@ pub fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// User + system CPU seconds a process has used so far (threads that ended
-/// included), or `None` if it cannot be read.
-pub fn cpu_seconds(pid: u32, ticks: f64) -> Option<f64> {
+/// CPU seconds a process has used so far (threads that ended included),
+/// or `None` if it cannot be read.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTime {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    pub fn since(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+pub fn cpu_time(pid: u32, ticks: f64) -> Option<CpuTime> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the whole line.
@@ -89,7 +114,10 @@ pub fn cpu_seconds(pid: u32, ticks: f64) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / ticks)
+    Some(CpuTime {
+        user: utime / ticks,
+        system: stime / ticks,
+    })
 }
 
 /// A `Vm*` line of /proc/<pid>/status, in KiB.

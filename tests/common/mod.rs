@@ -150,8 +150,17 @@ impl TestGateway {
             .expect("redis connection")
     }
 
-    /// Every key under this gateway's prefix.
+    /// The cache entries under this gateway's prefix.
     pub async fn keys(&self) -> Vec<String> {
+        self.keys_matching(&format!("{}:v1:*", self.prefix)).await
+    }
+
+    /// Every key under this gateway's prefix (entries, ledger, leases, meta).
+    pub async fn all_keys(&self) -> Vec<String> {
+        self.keys_matching(&format!("{}:*", self.prefix)).await
+    }
+
+    async fn keys_matching(&self, pattern: &str) -> Vec<String> {
         let mut conn = self.redis().await;
         let mut keys: Vec<String> = Vec::new();
         let mut cursor: u64 = 0;
@@ -159,7 +168,7 @@ impl TestGateway {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(format!("{}:*", self.prefix))
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut conn)

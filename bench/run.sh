@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Benchmarks the gateway and writes BENCHMARKS.md at the repository root.
+#
+#   bench/run.sh [--no-criterion] [loadgen options]
+#
+# Builds the release binaries, runs the criterion hot-path micro-benchmarks
+# (benches/hot_path.rs, a few seconds each), then `loadgen`, which starts the
+# fake vendor and `target/release/embgate serve` against the Redis at
+# 127.0.0.1:6379 (override with --redis-url), measures, deletes its keys and
+# writes the report. Needs a running Redis; takes about 5 minutes once built.
+#
+# loadgen options (target/release/loadgen --help) pass through, e.g.
+#   bench/run.sh --only zipf --gateway-env EMBGATE__L1__MAX_BYTES=67108864 --out /tmp/l1.md
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+criterion=1
+args=()
+for a in "$@"; do
+    case "$a" in
+        --no-criterion) criterion=0 ;;
+        *) args+=("$a") ;;
+    esac
+done
+
+cargo build --release -p embgate -p embgate-bench
+
+criterion_out=""
+if [ "$criterion" = 1 ]; then
+    criterion_out="$(mktemp "${TMPDIR:-/tmp}/embgate-criterion.XXXXXX")"
+    trap 'rm -f "$criterion_out"' EXIT
+    cargo bench -p embgate --bench hot_path -- --output-format bencher | tee "$criterion_out"
+fi
+
+command="bench/run.sh${*:+ $*}"
+exec_args=(--command "$command")
+if [ -n "$criterion_out" ]; then
+    exec_args+=(--criterion "$criterion_out")
+fi
+target/release/loadgen "${exec_args[@]}" ${args[@]+"${args[@]}"}

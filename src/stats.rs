@@ -1,0 +1,177 @@
+//! `embgate stats`: what the cache holds (entries and bytes, by model) and
+//! the all-time ledger of what it saved.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use crate::entry::{self, HEADER_LEN};
+use crate::ledger::{self, Account, Kind};
+use crate::migrate;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub keyspace_version: Option<u32>,
+    pub total: Bucket,
+    /// By model name (or `unknown` for entries without a model tag, or a
+    /// tag no known model has).
+    pub by_model: BTreeMap<String, Bucket>,
+    pub ledger: Vec<(Account, f64)>,
+}
+
+/// Scans the keyspace under `prefix`. `models` names the models to
+/// recognise by their tag; the ledger's models are added to them.
+pub async fn collect<'a>(
+    store: &Store,
+    prefix: &str,
+    models: impl IntoIterator<Item = &'a str>,
+) -> Result<Stats, StoreError> {
+    let mut conn = store.connection();
+    let ledger = ledger::read_ledger(store, &ledger::ledger_key(prefix)).await?;
+    let mut names: HashMap<u32, String> = models
+        .into_iter()
+        .map(|m| (entry::model_tag(m), m.to_owned()))
+        .collect();
+    for (account, _) in &ledger {
+        names
+            .entry(entry::model_tag(&account.model))
+            .or_insert_with(|| account.model.clone());
+    }
+    let keyspace_version: Option<u32> = redis::cmd("HGET")
+        .arg(migrate::meta_key(prefix))
+        .arg("keyspace_version")
+        .query_async(&mut conn)
+        .await?;
+
+    let mut stats = Stats {
+        keyspace_version,
+        ledger,
+        ..Stats::default()
+    };
+    let pattern = format!("{prefix}:v1:*");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("STRLEN").arg(key);
+                pipe.cmd("GETRANGE").arg(key).arg(0).arg(HEADER_LEN - 1);
+            }
+            let answers: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+            for pair in answers.chunks_exact(2) {
+                let bytes: u64 = redis::from_redis_value_ref(&pair[0]).unwrap_or(0);
+                let header: Vec<u8> = redis::from_redis_value_ref(&pair[1]).unwrap_or_default();
+                let model = header_model(&header)
+                    .and_then(|tag| names.get(&tag).cloned())
+                    .unwrap_or_else(|| "unknown".to_owned());
+                for bucket in [&mut stats.total, stats.by_model.entry(model).or_default()] {
+                    bucket.entries += 1;
+                    bucket.bytes += bytes;
+                }
+            }
+        }
+        if next == 0 {
+            return Ok(stats);
+        }
+        cursor = next;
+    }
+}
+
+/// The model tag of a current-format header; `None` for others.
+fn header_model(header: &[u8]) -> Option<u32> {
+    if header.len() < 16 || &header[..2] != entry::MAGIC || header[2] != entry::FORMAT_VERSION {
+        return None;
+    }
+    Some(u32::from_le_bytes([
+        header[12], header[13], header[14], header[15],
+    ]))
+    .filter(|t| *t != 0)
+}
+
+impl Stats {
+    /// A plain-text report.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let version = self
+            .keyspace_version
+            .map_or_else(|| "unversioned".to_owned(), |v| v.to_string());
+        let _ = writeln!(out, "keyspace version  {version}");
+        let _ = writeln!(
+            out,
+            "entries           {} ({})",
+            self.total.entries,
+            human_bytes(self.total.bytes)
+        );
+        for (model, bucket) in &self.by_model {
+            let _ = writeln!(
+                out,
+                "  {model:<30} {:>10} entries {:>12}",
+                bucket.entries,
+                human_bytes(bucket.bytes)
+            );
+        }
+        let _ = writeln!(out, "ledger (all time)");
+        let mut rows: BTreeMap<(&str, &str), [f64; 4]> = BTreeMap::new();
+        for (account, value) in &self.ledger {
+            let row = rows
+                .entry((account.model.as_str(), account.tenant.as_str()))
+                .or_default();
+            let i = Kind::ALL
+                .iter()
+                .position(|k| *k == account.kind)
+                .unwrap_or(0);
+            row[i] = *value;
+        }
+        let _ = writeln!(
+            out,
+            "  {:<30} {:<12} {:>14} {:>12} {:>14} {:>12}",
+            "model", "tenant", "saved tokens", "saved USD", "spent tokens", "spent USD"
+        );
+        let mut totals = [0f64; 4];
+        for ((model, tenant), row) in &rows {
+            for (t, v) in totals.iter_mut().zip(row) {
+                *t += v;
+            }
+            let _ = writeln!(
+                out,
+                "  {model:<30} {tenant:<12} {:>14} {:>12.4} {:>14} {:>12.4}",
+                row[0], row[1], row[2], row[3]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {:<30} {:<12} {:>14} {:>12.4} {:>14} {:>12.4}",
+            "total", "", totals[0], totals[1], totals[2], totals[3]
+        );
+        out
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

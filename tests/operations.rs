@@ -1,0 +1,332 @@
+//! Operating embgate: the ledger across restarts, store gauges, keyspace
+//! migrations, `stats`, and the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use embgate::migrate::{self, MigrateError};
+use embgate::migrations::LATEST;
+use embgate::migrations::m0001_entry_format_2::encode_v1;
+use embgate::protocol::Input;
+use embgate::store::Store;
+use fake_vendor::FakeVendor;
+use serde_json::{Value, json};
+
+fn store_for(prefix_settings: &TestGateway) -> Store {
+    Store::connect_lazy(&prefix_settings.settings.store).expect("store")
+}
+
+async fn wait_for_metric(gw: &TestGateway, sample: &str, wanted: f64) -> f64 {
+    let mut seen = 0.0;
+    for _ in 0..60 {
+        seen = gw.metric(sample).await;
+        if (seen - wanted).abs() < 1e-9 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn the_ledger_survives_a_restart() {
+    let fast = [("EMBGATE__LEDGER__SYNC_SECS", "1")];
+    let mut first = TestGateway::start_with(FakeVendor::start().await, &fast).await;
+    let inputs = ["ledger one", "ledger two"];
+    let tokens: u64 = inputs
+        .iter()
+        .map(|t| u64::from(fake_vendor::tokens(SMALL, &text(t)).expect("tokens")))
+        .sum();
+    for _ in 0..3 {
+        first
+            .embed(&json!({"model": SMALL, "input": inputs, "dimensions": 8}))
+            .await;
+    }
+    // Shutting down flushes what the last sync has not written yet.
+    first.shutdown().await;
+
+    let prefix = first.prefix.clone();
+    let url = first.vendor.base_url();
+    let second = TestGateway::start_with(
+        FakeVendor::start().await,
+        &[
+            ("EMBGATE__LEDGER__SYNC_SECS", "1"),
+            ("EMBGATE__STORE__KEY_PREFIX", &prefix),
+            ("EMBGATE__UPSTREAM__BASE_URL", &url),
+        ],
+    )
+    .await;
+    let saved = format!("embgate_ledger_saved_tokens{{model=\"{SMALL}\",tenant=\"default\"}}");
+    let spent = format!("embgate_ledger_spent_tokens{{model=\"{SMALL}\",tenant=\"default\"}}");
+    assert_eq!(
+        wait_for_metric(&second, &saved, 2.0 * tokens as f64).await,
+        2.0 * tokens as f64
+    );
+    assert_eq!(second.metric(&spent).await, tokens as f64);
+    let usd = second
+        .metric(&format!(
+            "embgate_ledger_saved_usd{{model=\"{SMALL}\",tenant=\"default\"}}"
+        ))
+        .await;
+    assert!((usd - 2.0 * tokens as f64 * 0.02 / 1e6).abs() < 1e-12);
+    // The counters of the new process start at zero; the ledger does not.
+    assert_eq!(
+        second
+            .metric(&format!(
+                "embgate_cache_saved_tokens_total{{model=\"{SMALL}\"}}"
+            ))
+            .await,
+        0.0
+    );
+    let entries = second.metric("embgate_store_entries").await;
+    assert!(entries >= 2.0, "entries gauge: {entries}");
+    assert!(second.metric("embgate_store_memory_bytes").await > 0.0);
+    drop(first);
+}
+
+/// Writes `n` entries the way the first layout did, with the vendor's vectors.
+async fn write_format_1(gw: &TestGateway, n: usize) -> Vec<String> {
+    let mut conn = gw.redis().await;
+    let texts: Vec<String> = (0..n).map(|i| format!("legacy entry {i}")).collect();
+    for t in &texts {
+        let input = Input::Text(t.clone());
+        let hash = key_hash(&gw.vendor.base_url(), SMALL, Some(8), &input);
+        let vector = vendor_vector(SMALL, Some(8), &text(t));
+        let tokens = fake_vendor::tokens(SMALL, &text(t)).expect("tokens");
+        let _: () = redis::cmd("SET")
+            .arg(hash.redis_key(&gw.prefix))
+            .arg(encode_v1(&hash, &vector, tokens))
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+    }
+    texts
+}
+
+#[tokio::test]
+async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entry() {
+    let gw = TestGateway::start().await;
+    let texts = write_format_1(&gw, 300).await;
+    let store = store_for(&gw);
+
+    assert!(matches!(
+        migrate::check(&store, &gw.prefix).await,
+        Err(MigrateError::Older { found: 0, .. })
+    ));
+
+    // Interrupted after two batches: nothing is marked done yet.
+    let partial = migrate::run_pending(&store, &gw.prefix, 50, Some(2))
+        .await
+        .expect("partial run");
+    assert!(!partial.complete);
+    assert!(partial.rewritten > 0 && partial.rewritten < 300);
+    assert!(migrate::check(&store, &gw.prefix).await.is_err());
+
+    let rest = migrate::run_pending(&store, &gw.prefix, 50, None)
+        .await
+        .expect("resumed run");
+    assert!(rest.complete);
+    assert_eq!(rest.to_version, LATEST);
+    assert_eq!(partial.rewritten + rest.rewritten, 300, "each entry once");
+    assert_eq!(rest.unreadable, 0);
+    migrate::check(&store, &gw.prefix)
+        .await
+        .expect("current now");
+    let again = migrate::run_pending(&store, &gw.prefix, 50, None)
+        .await
+        .expect("idempotent");
+    assert_eq!(again.rewritten, 0);
+
+    // Every entry is served as a hit, with its vector intact.
+    for chunk in texts.chunks(100) {
+        let (cache, body) = gw
+            .embed(&json!({"model": SMALL, "input": chunk, "dimensions": 8}))
+            .await;
+        assert_eq!(cache, "hit");
+        for (v, t) in vectors(&body).iter().zip(chunk) {
+            assert_eq!(*v, vendor_vector(SMALL, Some(8), &text(t)));
+        }
+    }
+    assert!(gw.vendor.embedding_requests().is_empty());
+}
+
+#[tokio::test]
+async fn keyspace_versions_fresh_newer_and_stamped() {
+    let gw = TestGateway::start().await;
+    let store = store_for(&gw);
+    migrate::check(&store, &gw.prefix)
+        .await
+        .expect("a fresh keyspace is fine");
+    let mut conn = gw.redis().await;
+    let stamped: u32 = redis::cmd("HGET")
+        .arg(migrate::meta_key(&gw.prefix))
+        .arg("keyspace_version")
+        .query_async(&mut conn)
+        .await
+        .expect("stamped");
+    assert_eq!(stamped, LATEST);
+    let _: () = redis::cmd("HSET")
+        .arg(migrate::meta_key(&gw.prefix))
+        .arg("keyspace_version")
+        .arg(LATEST + 1)
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    assert!(matches!(
+        migrate::check(&store, &gw.prefix).await,
+        Err(MigrateError::Newer { .. })
+    ));
+}
+
+#[tokio::test]
+async fn stats_report_entries_bytes_and_the_ledger() {
+    let gw = TestGateway::start_with(
+        FakeVendor::start().await,
+        &[("EMBGATE__LEDGER__SYNC_SECS", "1")],
+    )
+    .await;
+    gw.embed(&json!({"model": SMALL, "input": ["s1", "s2", "s3"], "dimensions": 8}))
+        .await;
+    gw.embed(&json!({"model": "acme-embed-v1", "input": "s4"}))
+        .await;
+    gw.embed(&json!({"model": SMALL, "input": ["s1"], "dimensions": 8}))
+        .await;
+    let saved = format!("embgate_ledger_saved_tokens{{model=\"{SMALL}\",tenant=\"default\"}}");
+    let s1 = f64::from(fake_vendor::tokens(SMALL, &text("s1")).expect("tokens"));
+    assert_eq!(wait_for_metric(&gw, &saved, s1).await, s1);
+
+    let store = store_for(&gw);
+    let stats = embgate::stats::collect(&store, &gw.prefix, [SMALL])
+        .await
+        .expect("stats");
+    assert_eq!(stats.total.entries, 4);
+    assert_eq!(stats.by_model[SMALL].entries, 3);
+    assert_eq!(stats.by_model[SMALL].bytes, 3 * (32 + 8 * 4));
+    assert_eq!(
+        stats.by_model["acme-embed-v1"].entries, 1,
+        "named from the ledger"
+    );
+    let report = stats.render();
+    assert!(report.contains("saved tokens"), "{report}");
+    assert!(report.contains("acme-embed-v1"), "{report}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+#[tokio::test]
+async fn the_binary_serves_with_environment_configuration_and_stops_cleanly() {
+    let vendor = FakeVendor::start().await;
+    let prefix = unique_prefix();
+    let port = free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
+        .arg("serve")
+        .env("EMBGATE__LISTEN", format!("127.0.0.1:{port}"))
+        .env("EMBGATE__STORE__URL", redis_url())
+        .env("EMBGATE__STORE__KEY_PREFIX", &prefix)
+        .env("EMBGATE__UPSTREAM__BASE_URL", vendor.base_url())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let base = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..100 {
+        if http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "binary came up");
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz")
+            .status(),
+        200
+    );
+    for expected in ["miss", "hit"] {
+        let response = http
+            .post(format!("{base}/v1/embeddings"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": SMALL, "input": "from the binary", "dimensions": 8}))
+            .send()
+            .await
+            .expect("embeds");
+        assert_eq!(header(&response, "x-embgate-cache"), expected);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(
+            vectors(&body)[0],
+            vendor_vector(SMALL, Some(8), &text("from the binary"))
+        );
+    }
+    let pid = child.id().expect("pid");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("stops after SIGTERM")
+        .expect("status");
+    assert!(status.success(), "{status:?}");
+    delete_prefix(&prefix);
+}
+
+#[tokio::test]
+async fn the_binary_refuses_an_older_keyspace_and_says_what_to_run() {
+    let gw = TestGateway::start().await;
+    write_format_1(&gw, 3).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
+        .arg("serve")
+        .env("EMBGATE__LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("EMBGATE__STORE__URL", redis_url())
+        .env("EMBGATE__STORE__KEY_PREFIX", &gw.prefix)
+        .env("EMBGATE__UPSTREAM__BASE_URL", gw.vendor.base_url())
+        .output()
+        .await
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("embgate migrate"), "{stderr}");
+
+    let migrated = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
+        .arg("migrate")
+        .env("EMBGATE__STORE__URL", redis_url())
+        .env("EMBGATE__STORE__KEY_PREFIX", &gw.prefix)
+        .output()
+        .await
+        .expect("runs");
+    assert!(migrated.status.success());
+    let stdout = String::from_utf8_lossy(&migrated.stdout);
+    assert!(stdout.contains("3 rewritten"), "{stdout}");
+}
+
+#[test]
+fn hash_key_prints_the_sha256_of_a_key() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
+        .args(["hash-key", "abc"])
+        .output()
+        .expect("runs");
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}

@@ -1,0 +1,447 @@
+//! `embgate warm`: filling the cache from a JSONL file, end to end against
+//! the real Redis and the fake vendor, including resuming after a stop.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use embgate::config::Settings;
+use embgate::protocol::Input;
+use embgate::warm::{self, Checkpoint, Stop, WarmError, WarmOptions};
+use fake_vendor::{FakeVendor, Fault, InputItem};
+use serde_json::{Value, json};
+
+const LARGE: &str = "text-embedding-3-large";
+
+/// A scratch directory and a Redis prefix, both removed on drop.
+struct Scratch {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let prefix = unique_prefix();
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch { dir, prefix }
+    }
+
+    fn write(&self, name: &str, lines: &[String]) -> PathBuf {
+        let path = self.dir.join(name);
+        let mut text = lines.join("\n");
+        text.push('\n');
+        std::fs::write(&path, text).expect("write input file");
+        path
+    }
+
+    fn settings(&self, vendor: &FakeVendor) -> Settings {
+        settings_for(vendor, &self.prefix, &redis_url())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        delete_prefix(&self.prefix);
+    }
+}
+
+fn settings_for(vendor: &FakeVendor, prefix: &str, redis: &str) -> Settings {
+    let env: HashMap<String, String> = [
+        ("EMBGATE__STORE__URL", redis),
+        ("EMBGATE__STORE__KEY_PREFIX", prefix),
+        ("EMBGATE__STORE__TIMEOUT_MS", "2000"),
+        ("EMBGATE__UPSTREAM__BASE_URL", &vendor.base_url()),
+        ("EMBGATE__AUTH__MODE", "open"),
+        ("EMBGATE__UPSTREAM__API_KEY", "sk-test"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    Settings::load_from(None, Some(env)).expect("test settings")
+}
+
+fn options(file: &Path) -> WarmOptions {
+    WarmOptions {
+        quiet: true,
+        ..WarmOptions::new(file)
+    }
+}
+
+fn checkpoint(options: &WarmOptions) -> Checkpoint {
+    warm::read_checkpoint(&options.checkpoint_path())
+        .expect("readable checkpoint")
+        .expect("a checkpoint exists")
+}
+
+/// One input as the test sees it: what the vendor records, and what a
+/// request body carries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Case {
+    model: &'static str,
+    dimensions: Option<u32>,
+    item: InputItem,
+}
+
+impl Case {
+    fn small(text: &str) -> Case {
+        Case {
+            model: SMALL,
+            dimensions: None,
+            item: InputItem::Text(text.into()),
+        }
+    }
+
+    fn tokens(&self) -> u64 {
+        u64::from(fake_vendor::tokens(self.model, &self.item).expect("tokens"))
+    }
+
+    fn body(&self) -> Value {
+        let input = match &self.item {
+            InputItem::Text(t) => json!(t),
+            InputItem::Tokens(t) => json!(t),
+        };
+        let mut body = json!({"model": self.model, "input": input});
+        if let Some(d) = self.dimensions {
+            body["dimensions"] = json!(d);
+        }
+        body
+    }
+}
+
+#[tokio::test]
+async fn fills_the_cache_fetching_each_distinct_input_once() {
+    let scratch = Scratch::new();
+    let vendor = FakeVendor::start().await;
+    let token_case = Case {
+        model: SMALL,
+        dimensions: None,
+        item: InputItem::Tokens(vec![1, 2, 3]),
+    };
+    let large = |t: &str| Case {
+        model: LARGE,
+        dimensions: Some(16),
+        item: InputItem::Text(t.into()),
+    };
+    // (line, the input it holds, if valid)
+    let lines: Vec<(String, Option<Case>)> = vec![
+        (r#""alpha""#.into(), Some(Case::small("alpha"))),
+        (r#"{"input": "beta"}"#.into(), Some(Case::small("beta"))),
+        (r#"{"input": [1, 2, 3]}"#.into(), Some(token_case.clone())),
+        (r#""alpha""#.into(), Some(Case::small("alpha"))),
+        (
+            format!(r#"{{"input": "alpha", "model": "{LARGE}", "dimensions": 16}}"#),
+            Some(large("alpha")),
+        ),
+        (
+            format!(r#"{{"input": "gamma", "model": "{LARGE}", "dimensions": 16}}"#),
+            Some(large("gamma")),
+        ),
+        (
+            format!(r#"{{"dimensions": 16, "input": "gamma", "model": "{LARGE}"}}"#),
+            Some(large("gamma")),
+        ),
+        ("{this is not json".into(), None),
+        (r#"{"input": ""}"#.into(), None),
+        (String::new(), None),
+        ("[1, 2, 3]".into(), Some(token_case.clone())),
+        (r#""delta""#.into(), Some(Case::small("delta"))),
+        (
+            format!(r#"{{"input": "beta", "model": "{SMALL}"}}"#),
+            Some(Case::small("beta")),
+        ),
+    ];
+    let text: Vec<String> = lines.iter().map(|(l, _)| l.clone()).collect();
+    let path = scratch.write("inputs.jsonl", &text);
+    let cases: Vec<Case> = lines.iter().filter_map(|(_, c)| c.clone()).collect();
+    let distinct: HashSet<Case> = cases.iter().cloned().collect();
+    assert_eq!(distinct.len(), 6);
+
+    let settings = scratch.settings(&vendor);
+    let opts = WarmOptions {
+        batch: 2,
+        concurrency: 3,
+        ..options(&path)
+    };
+    let summary = warm::warm(&settings, &opts).await.expect("warm succeeds");
+
+    assert!(summary.complete);
+    assert!(!summary.already_complete);
+    assert_eq!(summary.total_lines, 13);
+    assert_eq!(summary.lines, 13);
+    assert_eq!(summary.checkpoint_lines, 13);
+    assert_eq!(summary.resumed_lines, 0);
+    assert_eq!(summary.bad_lines, 2);
+    let bad: Vec<u64> = summary.bad.iter().map(|b| b.line).collect();
+    assert_eq!(bad, [8, 9]);
+    assert!(
+        summary.bad[0].reason.contains("not JSON"),
+        "{:?}",
+        summary.bad
+    );
+    assert!(summary.bad[1].reason.contains("empty"), "{:?}", summary.bad);
+    assert_eq!(summary.inputs, cases.len() as u64);
+    assert_eq!(summary.embedded, 6);
+    assert_eq!(summary.cached, cases.len() as u64 - 6);
+
+    let prompt: u64 = cases.iter().map(Case::tokens).sum();
+    let paid: u64 = distinct.iter().map(Case::tokens).sum();
+    assert_eq!(summary.tokens_paid, paid);
+    assert_eq!(summary.tokens_saved, prompt - paid);
+    let usd = |cases: &mut dyn Iterator<Item = &Case>| -> f64 {
+        cases
+            .map(|c| c.tokens() as f64 * settings.prices[c.model] / 1e6)
+            .sum()
+    };
+    let usd_paid = usd(&mut distinct.iter());
+    let usd_saved = usd(&mut cases.iter()) - usd_paid;
+    assert!((summary.usd_paid - usd_paid).abs() < 1e-12, "{summary:?}");
+    assert!((summary.usd_saved - usd_saved).abs() < 1e-12, "{summary:?}");
+    assert!(summary.unpriced_models.is_empty());
+    let printed = summary.to_string();
+    assert!(printed.contains("13 of 13 lines done"), "{printed}");
+
+    let cp = checkpoint(&opts);
+    assert!(cp.complete);
+    assert_eq!(cp.lines, 13);
+    assert_eq!(cp.offset, std::fs::metadata(&path).expect("metadata").len());
+
+    // The vendor saw each distinct input once; every input is now a hit for
+    // the server, with the vendor's vector.
+    for case in &distinct {
+        assert_eq!(
+            vendor.times_embedded(case.model, case.dimensions, &case.item),
+            1,
+            "{case:?}"
+        );
+    }
+    assert_eq!(vendor.total_inputs_embedded(), 6);
+    let gw = TestGateway::start_with(
+        vendor,
+        &[
+            ("EMBGATE__STORE__KEY_PREFIX", &scratch.prefix),
+            ("EMBGATE__AUTH__MODE", "open"),
+            ("EMBGATE__UPSTREAM__API_KEY", "sk-test"),
+        ],
+    )
+    .await;
+    for case in &cases {
+        let input = match &case.item {
+            InputItem::Text(t) => Input::Text(t.clone()),
+            InputItem::Tokens(t) => Input::Tokens(t.clone()),
+        };
+        let key = gw.redis_key(case.model, case.dimensions, &input);
+        assert!(gw.keys().await.contains(&key), "{case:?} stored");
+        let (cache, body) = gw.embed(&case.body()).await;
+        assert_eq!(cache, "hit", "{case:?}");
+        assert_eq!(
+            vectors(&body)[0],
+            vendor_vector(case.model, case.dimensions, &case.item)
+        );
+    }
+    assert_eq!(gw.vendor.total_inputs_embedded(), 6, "no vendor call since");
+}
+
+#[tokio::test]
+async fn a_stopped_run_resumes_where_the_checkpoint_ends() {
+    let scratch = Scratch::new();
+    let vendor = FakeVendor::start().await;
+    let texts: Vec<String> = (0..40).map(|i| format!("document number {i}")).collect();
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|t| json!({"input": t, "dimensions": 8}).to_string())
+        .collect();
+    let path = scratch.write("docs.jsonl", &lines);
+    let settings = scratch.settings(&vendor);
+    let opts = WarmOptions {
+        batch: 4,
+        concurrency: 2,
+        ..options(&path)
+    };
+
+    // Three requests succeed, the fourth is refused for good.
+    for _ in 0..3 {
+        vendor.push_fault(Fault::Delay(Duration::ZERO));
+    }
+    vendor.push_fault(Fault::Status {
+        status: 400,
+        retry_after_secs: None,
+    });
+    let err = warm::warm(&settings, &opts)
+        .await
+        .expect_err("the vendor error stops the run");
+    let WarmError::Stopped { cause, summary } = &err else {
+        panic!("expected a stop, got {err}");
+    };
+    assert!(matches!(cause, Stop::Vendor { .. }), "{cause}");
+    assert_eq!(cause.vendor_status(), Some(400));
+    let message = err.to_string();
+    assert!(message.contains("400"), "{message}");
+    assert!(message.contains("a rerun resumes"), "{message}");
+    assert!(!summary.complete);
+
+    // The checkpoint covers the batches before the refused one, and only those.
+    let cp = checkpoint(&opts);
+    assert!(!cp.complete);
+    assert!(
+        cp.lines % 4 == 0 && (4..=12).contains(&cp.lines),
+        "checkpoint at {} lines",
+        cp.lines
+    );
+    assert_eq!(summary.checkpoint_lines, cp.lines);
+    let offset: usize = lines[..cp.lines as usize].iter().map(|l| l.len() + 1).sum();
+    assert_eq!(cp.offset, offset as u64);
+    let first_run = vendor.total_inputs_embedded();
+    assert_eq!(summary.embedded, first_run);
+
+    let summary = warm::warm(&settings, &opts)
+        .await
+        .expect("the rerun completes");
+    assert!(summary.complete);
+    assert_eq!(summary.resumed_lines, cp.lines);
+    assert_eq!(summary.lines, 40 - cp.lines);
+    assert_eq!(first_run + summary.embedded, 40);
+    for t in &texts {
+        assert_eq!(
+            vendor.times_embedded(SMALL, Some(8), &text(t)),
+            1,
+            "{t} embedded once over both runs"
+        );
+    }
+    let cp = checkpoint(&opts);
+    assert!(cp.complete);
+    assert_eq!(cp.lines, 40);
+}
+
+#[tokio::test]
+async fn a_finished_file_is_not_read_again_until_it_grows() {
+    let scratch = Scratch::new();
+    let vendor = FakeVendor::start().await;
+    let mut lines: Vec<String> = ["one", "two", "three"]
+        .iter()
+        .map(|t| json!(t).to_string())
+        .collect();
+    let path = scratch.write("small.jsonl", &lines);
+    let settings = scratch.settings(&vendor);
+    let opts = options(&path);
+
+    let first = warm::warm(&settings, &opts).await.expect("first run");
+    assert!(first.complete);
+    assert_eq!((first.inputs, first.embedded), (3, 3));
+    let requests = vendor.embedding_requests().len();
+
+    let again = warm::warm(&settings, &opts).await.expect("rerun");
+    assert!(again.already_complete);
+    assert!(again.complete);
+    assert_eq!((again.lines, again.inputs, again.requests), (0, 0, 0));
+    assert_eq!(again.total_lines, 3);
+    assert!(again.to_string().contains("nothing to do"), "{again}");
+    assert_eq!(vendor.embedding_requests().len(), requests);
+
+    // Lines appended later are warmed, and only those.
+    lines.push(json!("four").to_string());
+    let path = scratch.write("small.jsonl", &lines);
+    let grown = warm::warm(&settings, &options(&path))
+        .await
+        .expect("run on the grown file");
+    assert!(!grown.already_complete);
+    assert_eq!(grown.resumed_lines, 3);
+    assert_eq!((grown.lines, grown.inputs, grown.embedded), (1, 1, 1));
+    assert_eq!(checkpoint(&opts).lines, 4);
+
+    // --restart reads everything again, all of it from the cache.
+    let restarted = warm::warm(
+        &settings,
+        &WarmOptions {
+            restart: true,
+            ..options(&path)
+        },
+    )
+    .await
+    .expect("restart");
+    assert_eq!((restarted.lines, restarted.inputs), (4, 4));
+    assert_eq!((restarted.embedded, restarted.cached), (0, 4));
+    assert_eq!(restarted.tokens_paid, 0);
+    assert!(restarted.tokens_saved > 0);
+    assert_eq!(vendor.total_inputs_embedded(), 4);
+}
+
+#[tokio::test]
+async fn nothing_is_paid_for_without_a_store_or_with_a_stale_checkpoint() {
+    let scratch = Scratch::new();
+    let vendor = FakeVendor::start().await;
+    let path = scratch.write("x.jsonl", &[json!("x").to_string()]);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let settings = settings_for(
+        &vendor,
+        &scratch.prefix,
+        &format!("redis://127.0.0.1:{}/0", dead.port()),
+    );
+    let err = warm::warm(&settings, &options(&path))
+        .await
+        .expect_err("no store");
+    assert!(matches!(err, WarmError::StoreUnavailable(_)), "{err}");
+
+    let settings = scratch.settings(&vendor);
+    let opts = options(&path);
+    std::fs::write(
+        opts.checkpoint_path(),
+        r#"{"version":1,"offset":500,"lines":9,"complete":false}"#,
+    )
+    .expect("write checkpoint");
+    let err = warm::warm(&settings, &opts)
+        .await
+        .expect_err("checkpoint past the end");
+    assert!(matches!(err, WarmError::Checkpoint { .. }), "{err}");
+    assert!(err.to_string().contains("--restart"), "{err}");
+
+    std::fs::write(opts.checkpoint_path(), "garbage").expect("write checkpoint");
+    let err = warm::warm(&settings, &opts)
+        .await
+        .expect_err("unreadable checkpoint");
+    assert!(matches!(err, WarmError::Checkpoint { .. }), "{err}");
+    assert!(vendor.embedding_requests().is_empty());
+
+    let err = warm::warm(
+        &settings,
+        &WarmOptions {
+            batch: 0,
+            ..options(&path)
+        },
+    )
+    .await
+    .expect_err("bad options");
+    assert!(matches!(err, WarmError::Options(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_file_of_bad_lines_completes_without_a_vendor_call() {
+    let scratch = Scratch::new();
+    let vendor = FakeVendor::start().await;
+    let lines: Vec<String> = vec![
+        "nope".into(),
+        r#"{"input": "x", "encoding_format": "base64"}"#.into(),
+        r#"["a", "b"]"#.into(),
+        String::new(),
+        r#"{"input": []}"#.into(),
+    ];
+    let path = scratch.write("bad.jsonl", &lines);
+    let summary = warm::warm(&scratch.settings(&vendor), &options(&path))
+        .await
+        .expect("completes");
+    assert!(summary.complete);
+    assert_eq!(
+        (summary.lines, summary.bad_lines, summary.inputs),
+        (5, 4, 0)
+    );
+    let bad: Vec<u64> = summary.bad.iter().map(|b| b.line).collect();
+    assert_eq!(bad, [1, 2, 3, 5]);
+    assert!(vendor.embedding_requests().is_empty());
+    assert!(checkpoint(&options(&path)).complete);
+}
