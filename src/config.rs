@@ -32,6 +32,9 @@ retry_deadline_secs = 60
 [ledger]
 sync_secs = 5
 
+[l1]
+max_bytes = 0
+
 [auth]
 mode = "auto"
 verify_ttl_secs = 300
@@ -62,6 +65,7 @@ pub struct Settings {
     pub coalesce: CoalesceSettings,
     pub auth: AuthSettings,
     pub ledger: LedgerSettings,
+    pub l1: L1Settings,
     /// More vendors, by name, each serving the models it lists.
     #[serde(default)]
     pub upstreams: HashMap<String, NamedUpstream>,
@@ -90,6 +94,13 @@ pub struct UpstreamSettings {
     pub max_concurrency: usize,
     pub max_retries: u32,
     pub retry_deadline_secs: u64,
+}
+
+/// The in-process cache in front of Redis.
+#[derive(Debug, Clone, Deserialize)]
+pub struct L1Settings {
+    /// Bytes of entries kept in process; 0 disables it.
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,6 +11,7 @@ pub mod error;
 pub mod housekeeping;
 pub mod inflight;
 pub mod key;
+pub mod l1;
 pub mod ledger;
 pub mod metrics;
 pub mod migrate;

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub ledger_spent_usd: GaugeVec,
     pub store_entries: IntGauge,
     pub store_memory_bytes: IntGauge,
+    pub l1_hits: prometheus::IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -187,6 +188,14 @@ impl Metrics {
                 "embgate_store_memory_bytes",
                 "Memory Redis uses (INFO used_memory), refreshed periodically.",
             )?,
+            l1_hits: {
+                let c = prometheus::IntCounter::new(
+                    "embgate_l1_hits_total",
+                    "Lookups answered by the in-process L1 cache without asking Redis.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             registry,
         })
     }

@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::entry::Entry;
 use crate::inflight::{self, Claim, Inflight, Promise};
 use crate::key::{KeyHash, KeyScope};
+use crate::l1::L1;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::protocol::{EmbeddingRequest, Input};
@@ -102,6 +103,7 @@ pub struct Embedder {
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
     ledger: Arc<Ledger>,
+    l1: Option<L1>,
     prices: HashMap<String, f64>,
     key_prefix: String,
     batch: BatchLimits,
@@ -165,6 +167,7 @@ impl Embedder {
             upstreams,
             metrics,
             ledger,
+            l1: L1::new(settings.l1.max_bytes),
             prices: settings.prices.clone(),
             key_prefix: settings.store.key_prefix.clone(),
             batch: BatchLimits {
@@ -321,25 +324,51 @@ impl Embedder {
         dimensions: Option<u32>,
         again: bool,
     ) -> Vec<Option<Entry>> {
-        let keys: Vec<String> = hashes
-            .iter()
-            .map(|h| h.redis_key(&self.key_prefix))
-            .collect();
         let mut found = vec![None; hashes.len()];
+        // Slots still to look up in Redis.
+        let mut wanted: Vec<usize> = Vec::with_capacity(hashes.len());
+        match &self.l1 {
+            Some(l1) => {
+                for (slot, hash) in hashes.iter().enumerate() {
+                    match l1.get(hash) {
+                        Some(entry) => found[slot] = Some(entry),
+                        None => wanted.push(slot),
+                    }
+                }
+                let hits = (hashes.len() - wanted.len()) as u64;
+                if hits > 0 {
+                    self.metrics.l1_hits.inc_by(hits);
+                }
+                if wanted.is_empty() {
+                    return found;
+                }
+            }
+            None => wanted.extend(0..hashes.len()),
+        }
+        let keys: Vec<String> = wanted
+            .iter()
+            .map(|slot| hashes[*slot].redis_key(&self.key_prefix))
+            .collect();
         match self.store.get_many(&keys).await {
             Ok(values) => {
                 self.metrics.store_up.set(1);
-                for ((slot, value), hash) in values.into_iter().enumerate().zip(hashes) {
+                for ((i, value), slot) in values.into_iter().enumerate().zip(wanted) {
                     let Some(bytes) = value else { continue };
+                    let hash = &hashes[slot];
                     match Entry::decode(hash, bytes, dimensions) {
-                        Ok(entry) => found[slot] = Some(entry),
+                        Ok(entry) => {
+                            if let Some(l1) = &self.l1 {
+                                l1.insert(*hash, entry.clone());
+                            }
+                            found[slot] = Some(entry);
+                        }
                         Err(_) if again => {}
                         Err(e) => {
                             self.metrics
                                 .store_errors
                                 .with_label_values(&["decode"])
                                 .inc();
-                            tracing::warn!(key = %keys[slot], error = %e, "discarding undecodable entry");
+                            tracing::warn!(key = %keys[i], error = %e, "discarding undecodable entry");
                         }
                     }
                 }
@@ -605,6 +634,9 @@ impl Embedder {
                     miss.hash.redis_key(&self.key_prefix),
                     entry.as_bytes().clone(),
                 ));
+                if let Some(l1) = &self.l1 {
+                    l1.insert(miss.hash, entry.clone());
+                }
                 published.push((miss.hash, entry.clone()));
                 fetched.entries.push((miss.slot, entry));
             }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderMap;
+use futures_util::FutureExt as _;
 use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -240,7 +241,7 @@ pub enum WarmError {
 /// Why a run stopped part-way.
 #[derive(Debug, thiserror::Error)]
 pub enum Stop {
-    #[error("lines {first}-{last} ({model}): {}", describe(error))]
+    #[error("{} ({model}): {}", span(*first, *last), describe(error))]
     Vendor {
         first: u64,
         last: u64,
@@ -248,14 +249,19 @@ pub enum Stop {
         error: EmbedError,
     },
     #[error(
-        "lines {first}-{last} ({model}): no vendor key: the upstream has none of its own; pass --api-key or set OPENAI_API_KEY"
+        "{} ({model}): no vendor key: the upstream has none of its own; pass --api-key or set \
+         OPENAI_API_KEY",
+        span(*first, *last)
     )]
     NoKey {
         first: u64,
         last: u64,
         model: String,
     },
-    #[error("lines {first}-{last}: the cache store did not keep the vectors ({reason})")]
+    #[error(
+        "{}: the cache store did not keep the vectors ({reason})",
+        span(*first, *last)
+    )]
     Store {
         first: u64,
         last: u64,
@@ -287,6 +293,14 @@ impl Stop {
             } => Some(status.as_u16()),
             _ => None,
         }
+    }
+}
+
+/// "line 3" or "lines 3-9".
+fn span(first: u64, last: u64) -> String {
+    match first == last {
+        true => format!("line {first}"),
+        false => format!("lines {first}-{last}"),
     }
 }
 
@@ -521,6 +535,11 @@ pub async fn warm_until(
 
     loop {
         while stop.is_none() && tasks.len() < options.concurrency {
+            if !interrupted && interrupt.as_mut().now_or_never().is_some() {
+                interrupted = true;
+                stop = Some(Stop::Interrupted);
+                break;
+            }
             match batcher.next().await {
                 Ok(Some(batch)) if batch.inputs.is_empty() => {
                     let done = Finished::empty(&batch);
@@ -726,8 +745,9 @@ impl fmt::Display for WarmSummary {
         )?;
         writeln!(
             f,
-            "  dollars:  {:.4} paid, {:.4} saved",
-            self.usd_paid, self.usd_saved
+            "  dollars:  {} paid, {} saved",
+            Usd(self.usd_paid),
+            Usd(self.usd_saved)
         )?;
         if !self.unpriced_models.is_empty() {
             writeln!(
@@ -740,6 +760,18 @@ impl fmt::Display for WarmSummary {
     }
 }
 
+/// Dollars: cents, or finer for small amounts.
+struct Usd(f64);
+
+impl fmt::Display for Usd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            x if x == 0.0 || x >= 0.995 => write!(f, "${x:.2}"),
+            x => write!(f, "${x:.6}"),
+        }
+    }
+}
+
 fn progress_bar(total: u64, done: u64, quiet: bool) -> ProgressBar {
     let target = if quiet || !std::io::stderr().is_terminal() {
         ProgressDrawTarget::hidden()
@@ -747,7 +779,7 @@ fn progress_bar(total: u64, done: u64, quiet: bool) -> ProgressBar {
         ProgressDrawTarget::stderr()
     };
     let style = ProgressStyle::with_template(
-        "{spinner} {elapsed_precise} [{wide_bar}] {human_pos}/{human_len} lines, {per_sec}, eta {eta} {msg}",
+        "{spinner} {wide_bar} {human_pos}/{human_len} lines, eta {eta}, {msg}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     let bar = ProgressBar::with_draw_target(Some(total), target)

@@ -522,3 +522,32 @@ async fn torture_random_overlapping_batches() {
     }
     assert_eq!(gw.vendor.total_inputs_embedded(), distinct.len() as u64);
 }
+
+#[tokio::test]
+async fn the_l1_cache_answers_hot_keys_without_redis() {
+    let mut redis = OwnRedis::start();
+    let url = redis.url();
+    let gw = TestGateway::start_with(
+        FakeVendor::start().await,
+        &[
+            ("EMBGATE__STORE__URL", &url),
+            ("EMBGATE__STORE__TIMEOUT_MS", "50"),
+            ("EMBGATE__L1__MAX_BYTES", "1048576"),
+        ],
+    )
+    .await;
+    let body = json!({"model": SMALL, "input": ["hot", "also hot"], "dimensions": 8});
+    let (cache, first) = gw.embed(&body).await;
+    assert_eq!(cache, "miss");
+    // Redis is gone; the hot keys are still answered, from process memory.
+    redis.kill();
+    let (cache, second) = gw.embed(&body).await;
+    assert_eq!(cache, "hit");
+    assert_eq!(vectors(&second), vectors(&first));
+    assert_eq!(
+        vectors(&second)[1],
+        vendor_vector(SMALL, Some(8), &text("also hot"))
+    );
+    assert_eq!(gw.metric("embgate_l1_hits_total").await, 2.0);
+    assert_eq!(gw.vendor.embedding_requests().len(), 1);
+}

@@ -288,7 +288,7 @@ async fn a_stopped_run_resumes_where_the_checkpoint_ends() {
     let cp = checkpoint(&opts);
     assert!(!cp.complete);
     assert!(
-        cp.lines % 4 == 0 && (4..=12).contains(&cp.lines),
+        cp.lines.is_multiple_of(4) && (4..=12).contains(&cp.lines),
         "checkpoint at {} lines",
         cp.lines
     );
