@@ -766,7 +766,7 @@ struct Usd(f64);
 impl fmt::Display for Usd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            x if x == 0.0 || x >= 0.995 => write!(f, "${x:.2}"),
+            x if x == 0.0 || x >= 1.0 => write!(f, "${x:.2}"),
             x => write!(f, "${x:.6}"),
         }
     }

@@ -445,3 +445,47 @@ async fn a_file_of_bad_lines_completes_without_a_vendor_call() {
     assert!(vendor.embedding_requests().is_empty());
     assert!(checkpoint(&options(&path)).complete);
 }
+
+#[tokio::test]
+async fn an_interrupted_run_finishes_its_requests_in_flight_and_resumes() {
+    let scratch = Scratch::new();
+    let vendor = FakeVendor::start().await;
+    vendor.set_latency(Duration::from_millis(50));
+    let texts: Vec<String> = (0..40).map(|i| format!("paragraph {i}")).collect();
+    let lines: Vec<String> = texts.iter().map(|t| json!(t).to_string()).collect();
+    let path = scratch.write("paragraphs.jsonl", &lines);
+    let settings = scratch.settings(&vendor);
+    let opts = WarmOptions {
+        batch: 4,
+        concurrency: 2,
+        ..options(&path)
+    };
+
+    let after_three_requests = async {
+        while vendor.embedding_requests().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let err = warm::warm_until(&settings, &opts, after_three_requests)
+        .await
+        .expect_err("interrupted");
+    let WarmError::Stopped { cause, summary } = &err else {
+        panic!("expected a stop, got {err}");
+    };
+    assert!(matches!(cause, Stop::Interrupted), "{cause}");
+    // Every request that reached the vendor finished and counts.
+    let sent = vendor.embedding_requests().len() as u64;
+    assert!((3..10).contains(&sent), "{sent} requests");
+    let cp = checkpoint(&opts);
+    assert!(!cp.complete);
+    assert_eq!(cp.lines, 4 * sent);
+    assert_eq!(summary.lines, 4 * sent);
+    assert_eq!(summary.embedded, 4 * sent);
+
+    let summary = warm::warm(&settings, &opts).await.expect("resumes");
+    assert!(summary.complete);
+    assert_eq!(summary.resumed_lines, 4 * sent);
+    for t in &texts {
+        assert_eq!(vendor.times_embedded(SMALL, None, &text(t)), 1, "{t}");
+    }
+}
