@@ -228,7 +228,11 @@ pub fn render(input: &Input) -> String {
         let bound = m.nproc as f64 / (rest_us / 1e6);
         let _ = writeln!(
             md,
-            "Context for the 1-input target: the load generator (HTTP client) and Redis              used {rest_us:.0} µs of CPU per gateway request (base64) on the same {} cores,              so even a gateway that cost nothing could serve at most about {bound:.0} req/s              here, {:.0}% of the ceiling. The gateway's own CPU per request is in the table              below.\n",
+            "Context for the 1-input target: the load generator (HTTP client) and Redis \
+             used {rest_us:.0} µs of CPU per gateway request (base64) on the same {} cores, \
+             so even a gateway that cost nothing could serve at most about {bound:.0} req/s \
+             here, {:.0}% of the ceiling. The gateway's own CPU per request is in the table \
+             below.\n",
             m.nproc,
             bound / redis.stats.per_second() * 100.0
         );
