@@ -77,7 +77,8 @@ pub struct Settings {
 pub struct StoreSettings {
     pub url: String,
     pub key_prefix: String,
-    /// A lookup slower than this is abandoned and the request served from the vendor.
+    /// A lookup slower than this (plus 0.1 ms per key looked up) is abandoned
+    /// and the request served from the vendor.
     pub timeout_ms: u64,
     /// Writes carry whole vectors (up to tens of MB per request), so they get longer.
     pub write_timeout_ms: u64,

@@ -345,51 +345,129 @@ pub fn write_response<'a>(
     format: EncodingFormat,
     prompt_tokens: u64,
 ) {
-    let mut float = ryu::Buffer::new();
-    out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
-    for (index, vector) in vectors.enumerate() {
-        if index > 0 {
+    let mut renderer =
+        ResponseRenderer::new(model.to_owned(), vectors.collect(), format, prompt_tokens);
+    while renderer.render_into(out, usize::MAX) {}
+}
+
+/// Renders an embeddings response piece by piece, so a large one can be
+/// streamed while it is written instead of built whole in memory.
+pub struct ResponseRenderer<V> {
+    model: String,
+    vectors: Vec<V>,
+    format: EncodingFormat,
+    prompt_tokens: u64,
+    next: usize,
+    finished: bool,
+}
+
+impl<V: AsRef<[u8]>> ResponseRenderer<V> {
+    pub fn new(model: String, vectors: Vec<V>, format: EncodingFormat, prompt_tokens: u64) -> Self {
+        ResponseRenderer {
+            model,
+            vectors,
+            format,
+            prompt_tokens,
+            next: 0,
+            finished: false,
+        }
+    }
+
+    /// A close upper bound of the whole response's size.
+    pub fn size_hint(&self) -> usize {
+        let payload: usize = self.vectors.iter().map(|v| v.as_ref().len()).sum();
+        let body = match self.format {
+            EncodingFormat::Base64 => payload.div_ceil(3) * 4,
+            // Shortest f32 forms average about 11 characters with the comma.
+            EncodingFormat::Float => payload / 4 * 12,
+        };
+        160 + self.model.len() * 2 + self.vectors.len() * 64 + body
+    }
+
+    /// Appends the next part (at least one vector, then more until about
+    /// `budget` bytes were written) to `out`. Returns false once finished.
+    pub fn render_into(&mut self, out: &mut Vec<u8>, budget: usize) -> bool {
+        if self.finished {
+            return false;
+        }
+        let start = out.len();
+        if self.next == 0 {
+            out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
+        }
+        while self.next < self.vectors.len() {
+            let index = self.next;
+            if index > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
+            out.extend_from_slice(itoa(index as u64, &mut [0u8; 20]));
+            out.extend_from_slice(b",\"embedding\":");
+            let vector = self.vectors[index].as_ref();
+            match self.format {
+                EncodingFormat::Base64 => write_base64(out, vector),
+                EncodingFormat::Float => write_floats(out, vector),
+            }
+            out.push(b'}');
+            self.next += 1;
+            if out.len() - start >= budget {
+                return true;
+            }
+        }
+        out.extend_from_slice(b"],\"model\":");
+        // A String always serialises; the fallback keeps the output valid JSON.
+        if serde_json::to_writer(&mut *out, &self.model).is_err() {
+            out.extend_from_slice(b"\"\"");
+        }
+        out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
+        out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
+        out.extend_from_slice(b",\"total_tokens\":");
+        out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
+        out.extend_from_slice(b"}}");
+        self.finished = true;
+        true
+    }
+}
+
+/// Streams the response in parts of about `CHUNK` bytes.
+impl<V: AsRef<[u8]>> Iterator for ResponseRenderer<V> {
+    type Item = bytes::Bytes;
+
+    fn next(&mut self) -> Option<bytes::Bytes> {
+        const CHUNK: usize = 256 * 1024;
+        let mut out = Vec::with_capacity(CHUNK + 64 * 1024);
+        self.render_into(&mut out, CHUNK).then(|| out.into())
+    }
+}
+
+/// Base64 of `bytes`, quoted, encoded through a small stack buffer so the
+/// output needs no zero-filled scratch space.
+fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    const IN: usize = 3 * 1024;
+    let mut buf = [0u8; IN / 3 * 4];
+    out.reserve(bytes.len().div_ceil(3) * 4 + 2);
+    out.push(b'"');
+    for chunk in bytes.chunks(IN) {
+        // Every chunk but the last is a multiple of 3 bytes: no padding inside.
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(chunk, &mut buf)
+            .unwrap_or(0);
+        out.extend_from_slice(&buf[..n]);
+    }
+    out.push(b'"');
+}
+
+/// The shortest decimal form of each f32 that reads back as the same f32.
+fn write_floats(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut float = zmij::Buffer::new();
+    out.push(b'[');
+    for (i, chunk) in bytes.chunks_exact(4).enumerate() {
+        if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
-        out.extend_from_slice(itoa(index as u64, &mut [0u8; 20]));
-        out.extend_from_slice(b",\"embedding\":");
-        match format {
-            EncodingFormat::Base64 => {
-                out.push(b'"');
-                let start = out.len();
-                let len = base64::encoded_len(vector.len(), true).unwrap_or(0);
-                out.resize(start + len, 0);
-                let written = base64::engine::general_purpose::STANDARD
-                    .encode_slice(vector, &mut out[start..])
-                    .unwrap_or(0);
-                out.truncate(start + written);
-                out.push(b'"');
-            }
-            EncodingFormat::Float => {
-                out.push(b'[');
-                for (i, chunk) in vector.chunks_exact(4).enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    let value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-                    out.extend_from_slice(float.format(value).as_bytes());
-                }
-                out.push(b']');
-            }
-        }
-        out.push(b'}');
+        let value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        out.extend_from_slice(float.format_finite(value).as_bytes());
     }
-    out.extend_from_slice(b"],\"model\":");
-    // A String always serialises; the fallback keeps the output valid JSON.
-    if serde_json::to_writer(&mut *out, model).is_err() {
-        out.extend_from_slice(b"\"\"");
-    }
-    out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
-    out.extend_from_slice(itoa(prompt_tokens, &mut [0u8; 20]));
-    out.extend_from_slice(b",\"total_tokens\":");
-    out.extend_from_slice(itoa(prompt_tokens, &mut [0u8; 20]));
-    out.extend_from_slice(b"}}");
+    out.push(b']');
 }
 
 /// Formats an unsigned integer into `buf` without allocating.
@@ -491,6 +569,49 @@ mod tests {
         assert_eq!(parse(&many).expect_err("too many").param, Some("input"));
         let long = format!(r#"{{"model":"m","input":"{}"}}"#, "a".repeat((1 << 20) + 1));
         assert_eq!(parse(&long).expect_err("too long").param, Some("input"));
+    }
+
+    #[test]
+    fn rendering_in_parts_matches_rendering_whole() {
+        let vectors: Vec<Vec<u8>> = (0..50)
+            .map(|i| {
+                (0..300)
+                    .flat_map(|j| ((i * 300 + j) as f32 * 1.37e-3 - 7.0).to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        for format in [EncodingFormat::Float, EncodingFormat::Base64] {
+            let mut whole = Vec::new();
+            write_response(
+                &mut whole,
+                "m",
+                vectors.iter().map(Vec::as_slice),
+                format,
+                9,
+            );
+            let parts: Vec<u8> = ResponseRenderer::new("m".into(), vectors.clone(), format, 9)
+                .flat_map(|chunk| chunk.to_vec())
+                .collect();
+            assert_eq!(parts, whole);
+            let json: serde_json::Value = serde_json::from_slice(&whole).expect("valid json");
+            assert_eq!(json["data"].as_array().map(Vec::len), Some(50));
+        }
+    }
+
+    #[test]
+    fn floats_read_back_as_the_same_f32() {
+        let values: Vec<f32> = (0..20_000)
+            .map(|i| f32::from_bits(0x3000_0000u32.wrapping_add(i * 104_729)))
+            .chain([0.0, -0.0, f32::MIN_POSITIVE, f32::MAX, -f32::MAX, 1e-45])
+            .filter(|v| v.is_finite())
+            .collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        write_floats(&mut out, &bytes);
+        let parsed: Vec<f64> = serde_json::from_slice(&out).expect("valid JSON numbers");
+        for (a, b) in parsed.iter().zip(&values) {
+            assert_eq!((*a as f32).to_bits(), b.to_bits(), "{b}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -14,11 +14,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::auth::Auth;
+use crate::entry::Entry;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::passthrough;
-use crate::pipeline::{CallContext, Embedded, Embedder};
-use crate::protocol::{self, EncodingFormat, Limits};
+use crate::pipeline::{CallContext, Embedder};
+use crate::protocol::{self, Limits, ResponseRenderer};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -68,8 +69,9 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     response
 }
 
-/// Responses at least this many floats are rendered off the async threads.
-const LARGE_RESPONSE_VALUES: usize = 256 * 1024;
+/// Responses larger than this are streamed as they are rendered: memory
+/// stays bounded and sending overlaps rendering.
+const STREAM_ABOVE_BYTES: usize = 1024 * 1024;
 
 async fn embeddings(
     State(state): State<AppState>,
@@ -92,21 +94,25 @@ async fn embeddings(
     let ctx = CallContext::new(upstream, caller, &request.model, &headers);
     let embedded = state.embedder.embed(Arc::new(request), ctx).await?;
 
-    let values: usize = embedded.entries.iter().map(|e| e.payload().len() / 4).sum();
     let (cache, upstream_tokens) = (embedded.cache, embedded.upstream_tokens);
-    let json = if values >= LARGE_RESPONSE_VALUES {
-        tokio::task::spawn_blocking(move || render(&model, &embedded, format))
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("rendering failed: {e}")))?
+    let vectors: Vec<Payload> = embedded.entries.into_iter().map(Payload).collect();
+    let mut renderer = ResponseRenderer::new(model, vectors, format, embedded.prompt_tokens);
+    let size = renderer.size_hint();
+    let body = if size > STREAM_ABOVE_BYTES {
+        Body::from_stream(futures_util::stream::iter(
+            renderer.map(Ok::<_, std::convert::Infallible>),
+        ))
     } else {
-        render(&model, &embedded, format)
+        let mut json = Vec::with_capacity(size);
+        while renderer.render_into(&mut json, usize::MAX) {}
+        Body::from(json)
     };
     let mut response = (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        json,
+        body,
     )
         .into_response();
     let h = response.headers_mut();
@@ -118,19 +124,13 @@ async fn embeddings(
     Ok(response)
 }
 
-fn render(model: &str, embedded: &Embedded, format: EncodingFormat) -> Vec<u8> {
-    let payload: usize = embedded.entries.iter().map(|e| e.payload().len()).sum();
-    // base64 is 4/3 of the bytes; floats average about 11 characters each.
-    let estimate = 256 + embedded.entries.len() * 64 + payload * 3;
-    let mut out = Vec::with_capacity(estimate);
-    protocol::write_response(
-        &mut out,
-        model,
-        embedded.entries.iter().map(|e| e.payload()),
-        format,
-        embedded.prompt_tokens,
-    );
-    out
+/// An entry seen as its vector bytes, for the renderer.
+struct Payload(Entry);
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        self.0.payload()
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {

@@ -54,7 +54,9 @@ impl Store {
             c.arg(keys);
             c
         };
-        bounded(self.read_timeout, cmd.query_async(&mut conn)).await
+        // Large batches take longer to transfer: allow 0.1 ms more per key.
+        let limit = self.read_timeout + Duration::from_micros(100 * keys.len() as u64);
+        bounded(limit, cmd.query_async(&mut conn)).await
     }
 
     /// Stores every pair without expiry (an embedding never changes).

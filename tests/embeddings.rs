@@ -472,3 +472,25 @@ async fn the_upstream_tokens_header_reports_what_was_paid() {
     assert_eq!(header(&response, "x-embgate-upstream-tokens"), "0");
     assert_eq!(header(&response, "x-embgate-cache"), "hit");
 }
+
+#[tokio::test]
+async fn large_responses_are_streamed_and_stay_exact() {
+    let gw = TestGateway::start().await;
+    let inputs: Vec<String> = (0..200).map(|i| format!("a long document {i}")).collect();
+    for format in ["float", "base64"] {
+        let (_, body) = gw
+            .embed(&json!({"model": SMALL, "input": inputs, "encoding_format": format}))
+            .await;
+        let got = vectors(&body);
+        assert_eq!(got.len(), 200);
+        for (v, t) in got.iter().zip(&inputs) {
+            assert_eq!(*v, vendor_vector(SMALL, None, &text(t)), "{format}");
+        }
+        assert_eq!(body["model"], SMALL);
+        assert!(
+            body["usage"]["prompt_tokens"]
+                .as_u64()
+                .is_some_and(|t| t > 0)
+        );
+    }
+}
