@@ -21,6 +21,7 @@ pub mod passthrough;
 pub mod pipeline;
 pub mod protocol;
 pub mod routes;
+pub mod signal;
 pub mod stats;
 pub mod store;
 pub mod tokens;

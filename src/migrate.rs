@@ -10,7 +10,7 @@
 use redis::aio::ConnectionManager;
 
 use crate::migrations::{self, LATEST, Migration, Transform};
-use crate::store::Store;
+use crate::store::{Store, scan_page};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -71,14 +71,7 @@ async fn has_entries(conn: &mut ConnectionManager, prefix: &str) -> Result<bool,
     let pattern = format!("{prefix}:v1:*");
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
+        let (next, keys) = scan_page(conn, cursor, &pattern, 1000).await?;
         if !keys.is_empty() {
             return Ok(true);
         }
@@ -216,14 +209,7 @@ async fn apply(
             }
             *left -= 1;
         }
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(batch)
-            .query_async(conn)
-            .await?;
+        let (next, keys) = scan_page(conn, cursor, &pattern, batch).await?;
         if !keys.is_empty() {
             let values: Vec<Option<Vec<u8>>> =
                 redis::cmd("MGET").arg(&keys).query_async(conn).await?;

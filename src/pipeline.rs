@@ -280,28 +280,11 @@ impl Embedder {
             }
         }
         let prompt_tokens: u64 = entries.iter().map(|e| u64::from(e.tokens())).sum();
-        let saved = prompt_tokens.saturating_sub(sent_tokens);
-        if saved > 0 {
-            self.metrics
-                .cache_saved_tokens
-                .with_label_values(&[model])
-                .inc_by(saved);
-            let usd = saved as f64 * self.price(model) / 1e6;
-            self.metrics
-                .cache_saved_usd
-                .with_label_values(&[model])
-                .inc_by(usd);
-            self.metrics
-                .tenant_saved_tokens
-                .with_label_values(&[&*ctx.tenant, model])
-                .inc_by(saved);
-            self.metrics
-                .tenant_saved_usd
-                .with_label_values(&[&*ctx.tenant, model])
-                .inc_by(usd);
-            self.ledger
-                .record(&ctx.tenant, model, saved, 0, self.price(model));
-        }
+        self.record_saved(
+            &ctx.tenant,
+            model,
+            prompt_tokens.saturating_sub(sent_tokens),
+        );
         let cache = match fetched_slots {
             0 => CacheStatus::Hit,
             n if n == hashes.len() => CacheStatus::Miss,
@@ -695,6 +678,33 @@ impl Embedder {
                 None
             }
         }
+    }
+
+    /// Tokens a request did not pay for: what it would have been billed
+    /// minus what it sent upstream.
+    fn record_saved(&self, tenant: &str, model: &str, saved: u64) {
+        if saved == 0 {
+            return;
+        }
+        let usd = saved as f64 * self.price(model) / 1e6;
+        self.metrics
+            .cache_saved_tokens
+            .with_label_values(&[model])
+            .inc_by(saved);
+        self.metrics
+            .cache_saved_usd
+            .with_label_values(&[model])
+            .inc_by(usd);
+        self.metrics
+            .tenant_saved_tokens
+            .with_label_values(&[tenant, model])
+            .inc_by(saved);
+        self.metrics
+            .tenant_saved_usd
+            .with_label_values(&[tenant, model])
+            .inc_by(usd);
+        self.ledger
+            .record(tenant, model, saved, 0, self.price(model));
     }
 
     fn record_spend(&self, tenant: &str, model: &str, billed: u64, inputs: usize) {

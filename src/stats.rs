@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use crate::entry::{self, HEADER_LEN};
 use crate::ledger::{self, Account, Kind};
 use crate::migrate;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, scan_page};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Bucket {
@@ -57,14 +57,7 @@ pub async fn collect<'a>(
     let pattern = format!("{prefix}:v1:*");
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
+        let (next, keys) = scan_page(&mut conn, cursor, &pattern, 1000).await?;
         if !keys.is_empty() {
             let mut pipe = redis::pipe();
             for key in &keys {

@@ -173,6 +173,24 @@ impl Store {
     }
 }
 
+/// One SCAN step over the keys matching `pattern`: (next cursor, keys).
+/// A cursor of 0 starts, and a returned 0 means the walk is complete.
+pub async fn scan_page(
+    conn: &mut ConnectionManager,
+    cursor: u64,
+    pattern: &str,
+    count: usize,
+) -> redis::RedisResult<(u64, Vec<String>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+}
+
 async fn bounded<T>(
     limit: Duration,
     fut: impl Future<Output = redis::RedisResult<T>>,

@@ -654,12 +654,12 @@ pub async fn warm_until(
 pub async fn cli(settings: &Settings, options: &WarmOptions) -> ExitCode {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let signals = tokio::spawn(async move {
-        interrupt_signal().await;
+        crate::signal::terminated().await;
         eprintln!(
             "embgate warm: interrupted; finishing the requests in flight (interrupt again to quit now)"
         );
         let _ = tx.send(());
-        interrupt_signal().await;
+        crate::signal::terminated().await;
         std::process::exit(130);
     });
     let result = warm_until(settings, options, async {
@@ -682,29 +682,6 @@ pub async fn cli(settings: &Settings, options: &WarmOptions) -> ExitCode {
                 _ => ExitCode::FAILURE,
             }
         }
-    }
-}
-
-async fn interrupt_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
     }
 }
 
