@@ -3,7 +3,6 @@
 
 use std::fmt;
 
-use base64::Engine as _;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -345,114 +344,127 @@ pub fn write_response<'a>(
     format: EncodingFormat,
     prompt_tokens: u64,
 ) {
-    let mut renderer =
-        ResponseRenderer::new(model.to_owned(), vectors.collect(), format, prompt_tokens);
-    while renderer.render_into(out, usize::MAX) {}
+    let response =
+        EmbeddingResponse::new(model.to_owned(), vectors.collect(), format, prompt_tokens);
+    response.write_part(0..response.len(), out);
 }
 
-/// Renders an embeddings response piece by piece, so a large one can be
-/// streamed while it is written instead of built whole in memory.
-pub struct ResponseRenderer<V> {
+/// An embeddings response that can be written in independent parts (ranges
+/// of vectors), so a large one is rendered on several threads and streamed
+/// while it is written, instead of built whole in memory.
+pub struct EmbeddingResponse<V> {
     model: String,
     vectors: Vec<V>,
     format: EncodingFormat,
     prompt_tokens: u64,
-    next: usize,
-    finished: bool,
 }
 
-impl<V: AsRef<[u8]>> ResponseRenderer<V> {
+impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
     pub fn new(model: String, vectors: Vec<V>, format: EncodingFormat, prompt_tokens: u64) -> Self {
-        ResponseRenderer {
+        EmbeddingResponse {
             model,
             vectors,
             format,
             prompt_tokens,
-            next: 0,
-            finished: false,
         }
+    }
+
+    pub fn len(&self) -> usize {
+        self.vectors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vectors.is_empty()
     }
 
     /// A close upper bound of the whole response's size.
     pub fn size_hint(&self) -> usize {
-        let payload: usize = self.vectors.iter().map(|v| v.as_ref().len()).sum();
-        let body = match self.format {
-            EncodingFormat::Base64 => payload.div_ceil(3) * 4,
-            // Shortest f32 forms average about 11 characters with the comma.
-            EncodingFormat::Float => payload / 4 * 12,
-        };
-        160 + self.model.len() * 2 + self.vectors.len() * 64 + body
+        160 + self.model.len() * 2
+            + self
+                .vectors
+                .iter()
+                .map(|v| self.item_size(v))
+                .sum::<usize>()
     }
 
-    /// Appends the next part (at least one vector, then more until about
-    /// `budget` bytes were written) to `out`. Returns false once finished.
-    pub fn render_into(&mut self, out: &mut Vec<u8>, budget: usize) -> bool {
-        if self.finished {
-            return false;
+    fn item_size(&self, vector: &V) -> usize {
+        let bytes = vector.as_ref().len();
+        64 + match self.format {
+            EncodingFormat::Base64 => bytes.div_ceil(3) * 4,
+            // Shortest f32 forms average about 11 characters with the comma.
+            EncodingFormat::Float => bytes / 4 * 12,
         }
-        let start = out.len();
-        if self.next == 0 {
+    }
+
+    /// Consecutive ranges of vectors of about `target` bytes each, covering
+    /// them all (one empty range for no vectors).
+    pub fn parts(&self, target: usize) -> Vec<std::ops::Range<usize>> {
+        let mut parts = Vec::new();
+        let (mut start, mut size) = (0, 0);
+        for (i, v) in self.vectors.iter().enumerate() {
+            size += self.item_size(v);
+            if size >= target {
+                parts.push(start..i + 1);
+                (start, size) = (i + 1, 0);
+            }
+        }
+        if start < self.vectors.len() || parts.is_empty() {
+            parts.push(start..self.vectors.len());
+        }
+        parts
+    }
+
+    /// Writes the vectors in `range`; the part starting at 0 opens the JSON
+    /// document and the part ending at `len()` closes it, so the parts of
+    /// [`Self::parts`] concatenated are the whole response.
+    pub fn write_part(&self, range: std::ops::Range<usize>, out: &mut Vec<u8>) {
+        if range.start == 0 {
             out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
         }
-        while self.next < self.vectors.len() {
-            let index = self.next;
+        for index in range.clone() {
+            let Some(vector) = self.vectors.get(index) else {
+                break;
+            };
             if index > 0 {
                 out.push(b',');
             }
             out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
             out.extend_from_slice(itoa(index as u64, &mut [0u8; 20]));
             out.extend_from_slice(b",\"embedding\":");
-            let vector = self.vectors[index].as_ref();
             match self.format {
-                EncodingFormat::Base64 => write_base64(out, vector),
-                EncodingFormat::Float => write_floats(out, vector),
+                EncodingFormat::Base64 => write_base64(out, vector.as_ref()),
+                EncodingFormat::Float => write_floats(out, vector.as_ref()),
             }
             out.push(b'}');
-            self.next += 1;
-            if out.len() - start >= budget {
-                return true;
+        }
+        if range.end >= self.vectors.len() {
+            out.extend_from_slice(b"],\"model\":");
+            // A String always serialises; the fallback keeps the output valid JSON.
+            if serde_json::to_writer(&mut *out, &self.model).is_err() {
+                out.extend_from_slice(b"\"\"");
             }
+            out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
+            out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
+            out.extend_from_slice(b",\"total_tokens\":");
+            out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
+            out.extend_from_slice(b"}}");
         }
-        out.extend_from_slice(b"],\"model\":");
-        // A String always serialises; the fallback keeps the output valid JSON.
-        if serde_json::to_writer(&mut *out, &self.model).is_err() {
-            out.extend_from_slice(b"\"\"");
-        }
-        out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
-        out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
-        out.extend_from_slice(b",\"total_tokens\":");
-        out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
-        out.extend_from_slice(b"}}");
-        self.finished = true;
-        true
+    }
+
+    /// The size of `range`'s part, for its buffer.
+    pub fn part_size_hint(&self, range: std::ops::Range<usize>) -> usize {
+        160 + self.model.len() * 2
+            + self.vectors[range.start.min(self.vectors.len())..range.end.min(self.vectors.len())]
+                .iter()
+                .map(|v| self.item_size(v))
+                .sum::<usize>()
     }
 }
 
-/// Streams the response in parts of about `CHUNK` bytes.
-impl<V: AsRef<[u8]>> Iterator for ResponseRenderer<V> {
-    type Item = bytes::Bytes;
-
-    fn next(&mut self) -> Option<bytes::Bytes> {
-        const CHUNK: usize = 256 * 1024;
-        let mut out = Vec::with_capacity(CHUNK + 64 * 1024);
-        self.render_into(&mut out, CHUNK).then(|| out.into())
-    }
-}
-
-/// Base64 of `bytes`, quoted, encoded through a small stack buffer so the
-/// output needs no zero-filled scratch space.
+/// Base64 of `bytes`, quoted (SIMD where the CPU has it).
 fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
-    const IN: usize = 3 * 1024;
-    let mut buf = [0u8; IN / 3 * 4];
-    out.reserve(bytes.len().div_ceil(3) * 4 + 2);
     out.push(b'"');
-    for chunk in bytes.chunks(IN) {
-        // Every chunk but the last is a multiple of 3 bytes: no padding inside.
-        let n = base64::engine::general_purpose::STANDARD
-            .encode_slice(chunk, &mut buf)
-            .unwrap_or(0);
-        out.extend_from_slice(&buf[..n]);
-    }
+    base64_simd::STANDARD.encode_append(bytes, out);
     out.push(b'"');
 }
 
@@ -589,10 +601,15 @@ mod tests {
                 format,
                 9,
             );
-            let parts: Vec<u8> = ResponseRenderer::new("m".into(), vectors.clone(), format, 9)
-                .flat_map(|chunk| chunk.to_vec())
-                .collect();
+            let response = EmbeddingResponse::new("m".into(), vectors.clone(), format, 9);
+            let ranges = response.parts(10_000);
+            assert!(ranges.len() > 3);
+            let mut parts = Vec::new();
+            for range in ranges {
+                response.write_part(range, &mut parts);
+            }
             assert_eq!(parts, whole);
+            assert!(whole.len() <= response.size_hint());
             let json: serde_json::Value = serde_json::from_slice(&whole).expect("valid json");
             assert_eq!(json["data"].as_array().map(Vec::len), Some(50));
         }
@@ -616,6 +633,7 @@ mod tests {
 
     #[test]
     fn writes_float_and_base64() {
+        use base64::Engine as _;
         let v: Vec<u8> = [0.5f32, -1.25]
             .iter()
             .flat_map(|f| f.to_le_bytes())

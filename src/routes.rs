@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt;
 
 use crate::auth::Auth;
 use crate::entry::Entry;
@@ -19,7 +20,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::passthrough;
 use crate::pipeline::{CallContext, Embedder};
-use crate::protocol::{self, Limits, ResponseRenderer};
+use crate::protocol::{self, EmbeddingResponse, Limits};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -72,6 +73,30 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
 /// Responses larger than this are streamed as they are rendered: memory
 /// stays bounded and sending overlaps rendering.
 const STREAM_ABOVE_BYTES: usize = 1024 * 1024;
+/// Size of each streamed part.
+const PART_BYTES: usize = 512 * 1024;
+/// Parts rendered at once, on the blocking pool, ahead of the socket.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// Renders a large response in parts on the blocking pool (several at
+/// once, so formatting millions of floats uses every core and never stalls
+/// the async threads) and streams them in order.
+fn stream_body(response: EmbeddingResponse<Payload>) -> Body {
+    let response = Arc::new(response);
+    let parts = response.parts(PART_BYTES);
+    let rendered = futures_util::stream::iter(parts)
+        .map(move |range| {
+            let response = Arc::clone(&response);
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::with_capacity(response.part_size_hint(range.clone()));
+                response.write_part(range, &mut out);
+                Bytes::from(out)
+            })
+        })
+        .buffered(PARTS_IN_FLIGHT)
+        .map(|part| part.map_err(std::io::Error::other));
+    Body::from_stream(rendered)
+}
 
 async fn embeddings(
     State(state): State<AppState>,
@@ -96,15 +121,12 @@ async fn embeddings(
 
     let (cache, upstream_tokens) = (embedded.cache, embedded.upstream_tokens);
     let vectors: Vec<Payload> = embedded.entries.into_iter().map(Payload).collect();
-    let mut renderer = ResponseRenderer::new(model, vectors, format, embedded.prompt_tokens);
-    let size = renderer.size_hint();
-    let body = if size > STREAM_ABOVE_BYTES {
-        Body::from_stream(futures_util::stream::iter(
-            renderer.map(Ok::<_, std::convert::Infallible>),
-        ))
+    let response = EmbeddingResponse::new(model, vectors, format, embedded.prompt_tokens);
+    let body = if response.size_hint() > STREAM_ABOVE_BYTES {
+        stream_body(response)
     } else {
-        let mut json = Vec::with_capacity(size);
-        while renderer.render_into(&mut json, usize::MAX) {}
+        let mut json = Vec::with_capacity(response.size_hint());
+        response.write_part(0..response.len(), &mut json);
         Body::from(json)
     };
     let mut response = (
