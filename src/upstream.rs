@@ -195,12 +195,6 @@ impl Upstreams {
     pub fn default(&self) -> &Arc<Upstream> {
         &self.default
     }
-
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Upstream>> {
-        std::iter::once(&self.default)
-            .chain(self.exact.values())
-            .chain(self.prefixes.iter().map(|(_, u)| u))
-    }
 }
 
 impl Upstream {

@@ -1,0 +1,365 @@
+//! `embgate warm FILE`: fills the cache from a JSONL file of inputs, through
+//! the same pipeline as the server, so that later requests for them are hits
+//! (batch re-indexing).
+//!
+//! Each line holds one input: a JSON string, a JSON array of token ids, or an
+//! object `{"input": "text" | [token ids], "model": "...", "dimensions": N}`
+//! whose `model` and `dimensions` default to the command's options. Blank
+//! lines are ignored; malformed ones are reported with their line number,
+//! counted and skipped.
+//!
+//! Consecutive lines of one (model, dimensions) travel together, up to
+//! `batch` inputs per request, with at most `concurrency` requests in
+//! flight. Requests complete out of order; the checkpoint file records the
+//! byte offset (and line count) up to which every line is done, is replaced
+//! atomically whenever that contiguous prefix grows, and says when the whole
+//! file is done. A rerun starts where the checkpoint ends.
+
+mod checkpoint;
+mod error;
+mod input;
+mod options;
+mod run;
+mod summary;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use futures_util::FutureExt as _;
+use tokio::io::{AsyncSeekExt as _, BufReader};
+use tokio::task::JoinSet;
+
+use crate::auth::Caller;
+use crate::config::Settings;
+
+pub use checkpoint::{Checkpoint, read_checkpoint};
+pub use error::{Stop, WarmError};
+pub use options::{
+    CHECKPOINT_SUFFIX, DEFAULT_BATCH, DEFAULT_CONCURRENCY, DEFAULT_MODEL, DEFAULT_TENANT,
+    WarmOptions,
+};
+pub use summary::{BadLine, WarmSummary};
+
+use checkpoint::{CHECKPOINT_VERSION, Tracker, write_checkpoint};
+use input::{BadLines, Batcher, Group, scan};
+use run::{Finished, Run, Tally, progress_bar};
+
+/// A batch run would rather wait for Redis than pay the vendor again for an
+/// input whose lookup timed out: lookups get at least this long.
+const MIN_STORE_TIMEOUT_MS: u64 = 2000;
+
+/// Runs until the file is done or something stops it.
+pub async fn warm(settings: &Settings, options: &WarmOptions) -> Result<WarmSummary, WarmError> {
+    warm_until(settings, options, std::future::pending()).await
+}
+
+/// As [`warm`]; once `interrupt` resolves, no new request starts, those in
+/// flight finish, and the run stops with [`Stop::Interrupted`].
+pub async fn warm_until(
+    settings: &Settings,
+    options: &WarmOptions,
+    interrupt: impl Future<Output = ()>,
+) -> Result<WarmSummary, WarmError> {
+    options.validate()?;
+    let path = options.file.clone();
+    let checkpoint_path = options.checkpoint_path();
+    let io_error = |source| WarmError::Io {
+        path: path.clone(),
+        source,
+    };
+    let len = tokio::fs::metadata(&path).await.map_err(io_error)?.len();
+
+    let previous = match options.restart {
+        true => None,
+        false => read_checkpoint(&checkpoint_path)?,
+    };
+    let mut summary = WarmSummary {
+        file: path.clone(),
+        checkpoint: checkpoint_path.clone(),
+        ..WarmSummary::default()
+    };
+    let bad_checkpoint = |reason: String| WarmError::Checkpoint {
+        path: checkpoint_path.clone(),
+        reason,
+    };
+    if let Some(cp) = previous {
+        if cp.offset > len {
+            return Err(bad_checkpoint(format!(
+                "it covers {} bytes, the file now has {len}",
+                cp.offset
+            )));
+        }
+        if cp.offset == len {
+            if !cp.complete {
+                let done = Checkpoint {
+                    complete: true,
+                    ..cp
+                };
+                write_checkpoint(&checkpoint_path, &done)
+                    .await
+                    .map_err(|source| WarmError::Io {
+                        path: checkpoint_path.clone(),
+                        source,
+                    })?;
+            }
+            summary.total_lines = cp.lines;
+            summary.resumed_lines = cp.lines;
+            summary.checkpoint_lines = cp.lines;
+            summary.complete = true;
+            summary.already_complete = true;
+            return Ok(summary);
+        }
+    }
+    let start = previous.unwrap_or(Checkpoint {
+        version: CHECKPOINT_VERSION,
+        offset: 0,
+        lines: 0,
+        complete: false,
+    });
+
+    let scan = {
+        let path = path.clone();
+        let offset = start.offset;
+        tokio::task::spawn_blocking(move || scan(&path, offset))
+            .await
+            .map_err(|e| WarmError::Io {
+                path: options.file.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(io_error)?
+    };
+    if previous.is_some() {
+        let at_boundary =
+            start.offset == 0 || start.offset == scan.len || scan.byte_before == Some(b'\n');
+        let lines_before =
+            scan.newlines_before + u64::from(start.offset > 0 && scan.byte_before != Some(b'\n'));
+        if !at_boundary || lines_before != start.lines {
+            return Err(bad_checkpoint(
+                "it does not match the file, which changed since".into(),
+            ));
+        }
+    }
+    summary.total_lines = scan.lines;
+    summary.resumed_lines = start.lines;
+    summary.checkpoint_lines = start.lines;
+
+    let mut settings = settings.clone();
+    settings.store.timeout_ms = settings.store.timeout_ms.max(MIN_STORE_TIMEOUT_MS);
+    let gateway = crate::Gateway::new(&settings)?;
+    let store = gateway.embedder.store();
+    store
+        .ping()
+        .await
+        .map_err(|e| WarmError::StoreUnavailable(e.to_string()))?;
+    match crate::migrate::check(store, &settings.store.key_prefix).await {
+        Ok(()) => {}
+        Err(crate::migrate::MigrateError::Redis(e)) => {
+            return Err(WarmError::StoreUnavailable(e.to_string()));
+        }
+        Err(e) => return Err(WarmError::Keyspace(e)),
+    }
+
+    let bar = progress_bar(scan.lines, start.lines, options.quiet);
+    let mut file = tokio::fs::File::open(&path).await.map_err(io_error)?;
+    file.seek(std::io::SeekFrom::Start(start.offset))
+        .await
+        .map_err(io_error)?;
+    let mut batcher = Batcher {
+        reader: BufReader::with_capacity(256 * 1024, file),
+        offset: start.offset,
+        line: start.lines,
+        buf: Vec::new(),
+        max_line: settings
+            .limits
+            .max_input_bytes
+            .saturating_mul(6)
+            .saturating_add(64 * 1024),
+        max_input_bytes: settings.limits.max_input_bytes,
+        defaults: Group {
+            model: options.model.clone(),
+            dimensions: options.dimensions,
+        },
+        batch: options.batch,
+        seq: 0,
+        open: None,
+        eof: false,
+        report: BadLines {
+            bar: bar.clone(),
+            file: path.clone(),
+            count: 0,
+            shown: Vec::new(),
+        },
+    };
+
+    let run = Run {
+        embedder: Arc::clone(&gateway.embedder),
+        caller: Caller {
+            tenant: Arc::from(options.tenant.as_str()),
+            isolated: settings
+                .auth
+                .tenants
+                .get(&options.tenant)
+                .is_some_and(|t| t.isolated),
+            key: options.api_key.clone(),
+        },
+        key_prefix: Arc::from(settings.store.key_prefix.as_str()),
+    };
+    let mut tracker = Tracker::new(start);
+    let mut tally = Tally::default();
+    let mut tasks: JoinSet<Result<Finished, Stop>> = JoinSet::new();
+    let mut stop: Option<Stop> = None;
+    let mut interrupt = std::pin::pin!(interrupt);
+    let mut interrupted = false;
+
+    loop {
+        while stop.is_none() && tasks.len() < options.concurrency {
+            if !interrupted && interrupt.as_mut().now_or_never().is_some() {
+                interrupted = true;
+                stop = Some(Stop::Interrupted);
+                break;
+            }
+            match batcher.next().await {
+                Ok(Some(batch)) if batch.inputs.is_empty() => {
+                    let done = Finished::empty(&batch);
+                    if let Err(cause) = tally
+                        .finish(done, &mut tracker, &checkpoint_path, &bar, &settings)
+                        .await
+                    {
+                        stop = Some(cause);
+                    }
+                }
+                Ok(Some(batch)) => {
+                    tasks.spawn(run.clone().embed(batch));
+                }
+                Ok(None) => break,
+                Err(source) => {
+                    stop = Some(Stop::Read {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        if tasks.is_empty() {
+            break;
+        }
+        tokio::select! {
+            joined = tasks.join_next() => {
+                let result = match joined {
+                    Some(Ok(result)) => result,
+                    Some(Err(e)) => Err(Stop::Internal(format!("batch task: {e}"))),
+                    None => continue,
+                };
+                let outcome = match result {
+                    Ok(done) => {
+                        tally
+                            .finish(done, &mut tracker, &checkpoint_path, &bar, &settings)
+                            .await
+                    }
+                    Err(cause) => Err(cause),
+                };
+                if let Err(cause) = outcome {
+                    stop.get_or_insert(cause);
+                }
+            }
+            () = &mut interrupt, if !interrupted => {
+                interrupted = true;
+                stop.get_or_insert(Stop::Interrupted);
+            }
+        }
+    }
+    gateway.embedder.drain().await;
+    bar.finish_and_clear();
+
+    summary.lines = tally.lines;
+    summary.checkpoint_lines = tracker.lines;
+    summary.inputs = tally.inputs;
+    summary.requests = tally.requests;
+    summary.tokens_paid = tally.tokens_paid;
+    summary.tokens_saved = tally.tokens_saved;
+    summary.usd_paid = tally.usd_paid;
+    summary.usd_saved = tally.usd_saved;
+    summary.embedded = tally
+        .models
+        .iter()
+        .map(|m| {
+            gateway
+                .metrics
+                .upstream_inputs
+                .with_label_values(&[m.as_str()])
+                .get()
+        })
+        .sum();
+    summary.cached = summary.inputs.saturating_sub(summary.embedded);
+    summary.unpriced_models = tally
+        .models
+        .iter()
+        .filter(|m| !settings.prices.contains_key(m.as_str()))
+        .cloned()
+        .collect();
+    summary.bad_lines = batcher.report.count;
+    summary.bad = std::mem::take(&mut batcher.report.shown);
+    summary.total_lines = summary.total_lines.max(tracker.lines);
+
+    if let Some(cause) = stop {
+        return Err(WarmError::Stopped {
+            cause,
+            summary: Box::new(summary),
+        });
+    }
+    let done = Checkpoint {
+        version: CHECKPOINT_VERSION,
+        offset: tracker.offset,
+        lines: tracker.lines,
+        complete: true,
+    };
+    if let Err(source) = write_checkpoint(&checkpoint_path, &done).await {
+        return Err(WarmError::Stopped {
+            cause: Stop::CheckpointWrite {
+                path: checkpoint_path,
+                source,
+            },
+            summary: Box::new(summary),
+        });
+    }
+    summary.complete = true;
+    Ok(summary)
+}
+
+/// `embgate warm`: runs, prints the summary on stdout and errors on stderr.
+/// A first SIGINT/SIGTERM lets the requests in flight finish; a second one
+/// quits at once (the checkpoint stays consistent either way).
+pub async fn cli(settings: &Settings, options: &WarmOptions) -> ExitCode {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let signals = tokio::spawn(async move {
+        crate::signal::terminated().await;
+        eprintln!(
+            "embgate warm: interrupted; finishing the requests in flight (interrupt again to quit now)"
+        );
+        let _ = tx.send(());
+        crate::signal::terminated().await;
+        std::process::exit(130);
+    });
+    let result = warm_until(settings, options, async {
+        let _ = rx.await;
+    })
+    .await;
+    signals.abort();
+    match result {
+        Ok(summary) => {
+            print!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if let WarmError::Stopped { summary, .. } = &e {
+                print!("{summary}");
+            }
+            eprintln!("embgate warm: {e}");
+            match e {
+                WarmError::Options(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}

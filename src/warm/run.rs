@@ -1,0 +1,228 @@
+//! Sending a batch through the pipeline, and counting what is done.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::auth::Caller;
+use crate::config::Settings;
+use crate::key::KeyScope;
+use crate::pipeline::{CallContext, Embedder};
+use crate::protocol::{EmbeddingRequest, EncodingFormat};
+
+use super::Stop;
+use super::checkpoint::{CHECKPOINT_VERSION, Checkpoint, Tracker, write_checkpoint};
+use super::input::Batch;
+
+/// Attempts at confirming that a batch's entries were stored.
+const VERIFY_ATTEMPTS: u32 = 3;
+
+pub(super) fn progress_bar(total: u64, done: u64, quiet: bool) -> ProgressBar {
+    let target = if quiet || !std::io::stderr().is_terminal() {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
+    let style = ProgressStyle::with_template(
+        "{spinner} {wide_bar} {human_pos}/{human_len} lines, eta {eta}, {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = ProgressBar::with_draw_target(Some(total), target)
+        .with_style(style)
+        .with_position(done);
+    if !bar.is_hidden() {
+        bar.enable_steady_tick(Duration::from_millis(200));
+    }
+    bar
+}
+
+/// What a request needs besides its batch.
+#[derive(Clone)]
+pub(super) struct Run {
+    pub(super) embedder: Arc<Embedder>,
+    pub(super) caller: Caller,
+    pub(super) key_prefix: Arc<str>,
+}
+
+/// A batch that is done: its inputs are in the cache.
+pub(super) struct Finished {
+    seq: u64,
+    end: u64,
+    last_line: u64,
+    lines: u64,
+    inputs: u64,
+    model: Option<String>,
+    prompt_tokens: u64,
+    upstream_tokens: u64,
+}
+
+impl Finished {
+    /// A batch with no inputs (only bad or blank lines).
+    pub(super) fn empty(batch: &Batch) -> Finished {
+        Finished {
+            seq: batch.seq,
+            end: batch.end,
+            last_line: batch.last_line,
+            lines: batch.lines(),
+            inputs: 0,
+            model: None,
+            prompt_tokens: 0,
+            upstream_tokens: 0,
+        }
+    }
+}
+
+impl Run {
+    /// Embeds a batch through the pipeline, then makes sure its entries are
+    /// in the store (the pipeline serves on when Redis fails; a warm run
+    /// must not count such a batch as done).
+    pub(super) async fn embed(self, batch: Batch) -> Result<Finished, Stop> {
+        let mut done = Finished::empty(&batch);
+        let Batch {
+            first_line,
+            last_line,
+            group,
+            inputs,
+            ..
+        } = batch;
+        let Some(group) = group else {
+            return Ok(done);
+        };
+        let upstream = Arc::clone(self.embedder.upstreams().route(&group.model));
+        if !upstream.has_own_key() && self.caller.key.is_none() {
+            return Err(Stop::NoKey {
+                first: first_line,
+                last: last_line,
+                model: group.model,
+            });
+        }
+        let ctx = CallContext::new(
+            upstream,
+            self.caller.clone(),
+            &group.model,
+            &HeaderMap::new(),
+        );
+        let request = Arc::new(EmbeddingRequest {
+            model: group.model,
+            inputs,
+            encoding_format: EncodingFormat::Float,
+            dimensions: group.dimensions,
+            user: None,
+            extra: Vec::new(),
+        });
+        let keys: Vec<String> = {
+            let hasher = KeyScope::of(&ctx.namespace, &request).hasher();
+            let distinct: BTreeSet<_> = request.inputs.iter().map(|i| hasher.key(i)).collect();
+            distinct
+                .iter()
+                .map(|h| h.redis_key(&self.key_prefix))
+                .collect()
+        };
+        let embedded = self
+            .embedder
+            .embed(Arc::clone(&request), ctx)
+            .await
+            .map_err(|error| Stop::Vendor {
+                first: first_line,
+                last: last_line,
+                model: request.model.clone(),
+                error,
+            })?;
+        self.verify_stored(&keys)
+            .await
+            .map_err(|reason| Stop::Store {
+                first: first_line,
+                last: last_line,
+                reason,
+            })?;
+        done.inputs = request.inputs.len() as u64;
+        done.model = Some(request.model.clone());
+        done.prompt_tokens = embedded.prompt_tokens;
+        done.upstream_tokens = embedded.upstream_tokens;
+        Ok(done)
+    }
+
+    async fn verify_stored(&self, keys: &[String]) -> Result<(), String> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = match self.embedder.store().exist_many(keys).await {
+                Ok(found) => match found.iter().filter(|f| !**f).count() {
+                    0 => return Ok(()),
+                    missing => format!("{missing} of {} entries missing", keys.len()),
+                },
+                Err(e) => e.to_string(),
+            };
+            if attempt >= VERIFY_ATTEMPTS {
+                return Err(outcome);
+            }
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+        }
+    }
+}
+
+/// Running totals.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) lines: u64,
+    pub(super) inputs: u64,
+    pub(super) requests: u64,
+    prompt_tokens: u64,
+    pub(super) tokens_paid: u64,
+    pub(super) tokens_saved: u64,
+    pub(super) usd_paid: f64,
+    pub(super) usd_saved: f64,
+    pub(super) models: BTreeSet<String>,
+}
+
+impl Tally {
+    /// Counts a done batch, and moves the checkpoint when the done prefix grew.
+    pub(super) async fn finish(
+        &mut self,
+        done: Finished,
+        tracker: &mut Tracker,
+        checkpoint_path: &Path,
+        bar: &ProgressBar,
+        settings: &Settings,
+    ) -> Result<(), Stop> {
+        self.lines += done.lines;
+        self.inputs += done.inputs;
+        if let Some(model) = done.model {
+            let price = settings.prices.get(&model).copied().unwrap_or(0.0);
+            let saved = done.prompt_tokens.saturating_sub(done.upstream_tokens);
+            self.requests += 1;
+            self.prompt_tokens += done.prompt_tokens;
+            self.tokens_paid += done.upstream_tokens;
+            self.tokens_saved += saved;
+            self.usd_paid += done.upstream_tokens as f64 * price / 1e6;
+            self.usd_saved += saved as f64 * price / 1e6;
+            self.models.insert(model);
+        }
+        bar.inc(done.lines);
+        bar.set_message(format!(
+            "{} tokens, {} paid",
+            HumanCount(self.prompt_tokens),
+            HumanCount(self.tokens_paid)
+        ));
+        if tracker.done(done.seq, done.end, done.last_line) {
+            let checkpoint = Checkpoint {
+                version: CHECKPOINT_VERSION,
+                offset: tracker.offset,
+                lines: tracker.lines,
+                complete: false,
+            };
+            write_checkpoint(checkpoint_path, &checkpoint)
+                .await
+                .map_err(|source| Stop::CheckpointWrite {
+                    path: checkpoint_path.to_owned(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
