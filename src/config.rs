@@ -33,7 +33,7 @@ retry_deadline_secs = 60
 sync_secs = 5
 
 [l1]
-max_bytes = 0
+max_bytes = 134217728
 
 [auth]
 mode = "auto"
@@ -356,6 +356,11 @@ mod tests {
         assert_eq!(s.prices["text-embedding-3-small"], 0.02);
         assert_eq!(s.prices["text-embedding-3-large"], 0.13);
         assert_eq!(s.prices["text-embedding-ada-002"], 0.10);
+        assert_eq!(
+            s.l1.max_bytes,
+            128 << 20,
+            "L1 on by default (BENCHMARKS.md)"
+        );
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! process, so its memory can be read), against the real Redis under a key
 //! prefix of its own; warms the cache; measures all-hit, miss and skewed
 //! workloads over HTTP; measures the same MGETs from a bare Redis client
-//! (the ceiling); deletes its keys; writes a Markdown report.
+//! (the ceiling); then, unless `--no-l1`, stops that gateway and repeats
+//! the Zipf and 1-input runs on a second one with the in-process L1 cache
+//! on (`l1.rs`); deletes its keys; writes a Markdown report.
 //!
 //! `bench/run.sh` builds everything and runs this with the defaults.
 
+mod l1;
 mod load;
 mod report;
 mod sys;
@@ -95,6 +98,14 @@ struct Args {
     /// Distinct pre-built Zipf requests cycled through.
     #[arg(long, default_value_t = 8192)]
     zipf_requests: usize,
+    /// Skip the in-process L1 cache comparison (a second gateway with
+    /// EMBGATE__L1__MAX_BYTES set, rerunning the Zipf and 1-input base64 runs).
+    #[arg(long)]
+    no_l1: bool,
+    /// EMBGATE__L1__MAX_BYTES of the L1 comparison's gateway (the gateway's
+    /// default size).
+    #[arg(long, default_value_t = 128 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    l1_bytes: u64,
     /// Criterion output (`--output-format bencher`) to include in the report.
     #[arg(long)]
     criterion: Option<PathBuf>,
@@ -113,6 +124,11 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 impl Args {
     fn runs(&self, s: Scenario) -> bool {
         self.only.is_empty() || self.only.contains(&s)
+    }
+
+    /// Whether the L1 comparison runs: it repeats the Zipf and 1-input runs.
+    fn compares_l1(&self) -> bool {
+        !self.no_l1 && (self.runs(Scenario::Zipf) || self.runs(Scenario::Hit1))
     }
 
     fn plan(&self, concurrency: usize) -> Plan {
@@ -135,11 +151,18 @@ pub struct Cpu {
 pub struct Measured {
     pub stats: Stats,
     pub cpu: Cpu,
+    /// The gateway's peak RSS during the run, KiB, when it was reset
+    /// before it (see `Context::measure_peak`).
+    pub peak_rss: Option<u64>,
+    /// The gateway's RSS when that reset happened, KiB.
+    pub start_rss: Option<u64>,
 }
 
 /// Peak memory of the gateway process, KiB.
 #[derive(Default)]
 pub struct Memory {
+    /// Once healthy, before any request.
+    pub startup_rss: Option<u64>,
     pub after_warmup_rss: Option<u64>,
     pub peak_before_2048: Option<u64>,
     pub peak_2048: Option<u64>,
@@ -155,6 +178,8 @@ pub struct Results {
     pub warmup_secs: f64,
     pub store_warnings: usize,
     pub deleted_keys: Option<u64>,
+    /// The L1 comparison, unless skipped; `Err` if it failed.
+    pub l1: Option<Result<l1::Comparison, String>>,
 }
 
 struct Context {
@@ -208,7 +233,36 @@ impl Context {
         if let Some(e) = &stats.first_error {
             eprintln!("    first error: {e}");
         }
-        Measured { stats, cpu }
+        Measured {
+            stats,
+            cpu,
+            peak_rss: None,
+            start_rss: None,
+        }
+    }
+
+    /// `measure` with the gateway's peak RSS (VmHWM) reset before the run,
+    /// so the run records its own peak. `earlier_peak` keeps the largest
+    /// peak the resets cleared.
+    async fn measure_peak<F>(
+        &self,
+        label: &str,
+        plan: Plan,
+        op: F,
+        earlier_peak: &mut Option<u64>,
+    ) -> Measured
+    where
+        F: Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static,
+    {
+        *earlier_peak = (*earlier_peak).max(sys::vm_kib(self.gateway_pid, "VmHWM"));
+        let start_rss = sys::vm_kib(self.gateway_pid, "VmRSS");
+        let reset = sys::reset_peak_rss(self.gateway_pid);
+        let mut measured = self.measure(label, plan, op).await;
+        let peak = sys::vm_kib(self.gateway_pid, "VmHWM");
+        *earlier_peak = (*earlier_peak).max(peak);
+        measured.peak_rss = peak.filter(|_| reset);
+        measured.start_rss = start_rss;
+        measured
     }
 }
 
@@ -352,7 +406,15 @@ fn free_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn spawn_gateway(args: &Args, vendor_url: &str, prefix: &str) -> Result<GatewayProcess, String> {
+/// Starts `embgate serve` with the harness's settings, then `--gateway-env`,
+/// then `extra_env`; `name` tells its log file apart.
+fn spawn_gateway(
+    args: &Args,
+    vendor_url: &str,
+    prefix: &str,
+    name: &str,
+    extra_env: &[(String, String)],
+) -> Result<GatewayProcess, String> {
     let bin = match &args.gateway_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()
@@ -366,7 +428,7 @@ fn spawn_gateway(args: &Args, vendor_url: &str, prefix: &str) -> Result<GatewayP
         ));
     }
     let port = free_port().map_err(|e| format!("no free port: {e}"))?;
-    let log = std::env::temp_dir().join(format!("{prefix}-gateway.log"));
+    let log = std::env::temp_dir().join(format!("{prefix}-{name}.log"));
     let log_file =
         std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
     let log_err = log_file.try_clone().map_err(|e| format!("log file: {e}"))?;
@@ -383,8 +445,11 @@ fn spawn_gateway(args: &Args, vendor_url: &str, prefix: &str) -> Result<GatewayP
         .env("EMBGATE__STORE__URL", &args.redis_url)
         .env("EMBGATE__STORE__KEY_PREFIX", prefix)
         .env("EMBGATE__UPSTREAM__BASE_URL", vendor_url)
-        .env("EMBGATE__UPSTREAM__API_KEY", API_KEY);
-    for (k, v) in &args.gateway_env {
+        .env("EMBGATE__UPSTREAM__API_KEY", API_KEY)
+        // The main scenarios measure the Redis path against the bare Redis
+        // ceiling; the L1 comparison turns the in-process cache on.
+        .env("EMBGATE__L1__MAX_BYTES", "0");
+    for (k, v) in args.gateway_env.iter().chain(extra_env) {
         cmd.env(k, v);
     }
     let child = cmd
@@ -429,37 +494,52 @@ async fn wait_healthy(http: &reqwest::Client, gateway: &mut GatewayProcess) -> R
     Ok(())
 }
 
-/// Stores every text through the gateway (each warm-up request is a miss).
-async fn warm(ctx: &Context, texts: &[String]) -> Result<(), String> {
-    const CHUNK: usize = 2048;
+/// POSTs every body once to the gateway, `parallel` at a time, and counts
+/// the replies whose cache status was not `expect`; fails on the first
+/// failed request.
+async fn post_each(
+    ctx: &Context,
+    bodies: Vec<Bytes>,
+    parallel: usize,
+    expect: Expect,
+) -> Result<usize, String> {
     let url: Arc<str> = format!("{}/v1/embeddings", ctx.gateway_url).into();
-    let chunks: Vec<Bytes> = texts
-        .chunks(CHUNK)
-        .map(|c| workload::body(c, Format::Base64))
-        .collect();
-    let mut pending = chunks.into_iter();
+    let mut pending = bodies.into_iter();
     let mut running = tokio::task::JoinSet::new();
+    let mut unexpected = 0;
     loop {
-        while running.len() < 2 {
+        while running.len() < parallel.max(1) {
             match pending.next() {
                 Some(body) => {
-                    running.spawn(post(ctx.http.clone(), Arc::clone(&url), body, Expect::Miss));
+                    running.spawn(post(ctx.http.clone(), Arc::clone(&url), body, expect));
                 }
                 None => break,
             }
         }
         match running.join_next().await {
             Some(Ok(Ok(reply))) => {
-                if reply.as_expected != Some(true) {
-                    return Err(
-                        "a warm-up request was not a miss: keys left from another run?".into(),
-                    );
+                if reply.as_expected == Some(false) {
+                    unexpected += 1;
                 }
             }
-            Some(Ok(Err(e))) => return Err(format!("warm-up request failed: {e}")),
-            Some(Err(e)) => return Err(format!("warm-up task failed: {e}")),
-            None => return Ok(()),
+            Some(Ok(Err(e))) => return Err(format!("request failed: {e}")),
+            Some(Err(e)) => return Err(format!("request task failed: {e}")),
+            None => return Ok(unexpected),
         }
+    }
+}
+
+/// Stores every text through the gateway (each warm-up request is a miss).
+async fn warm(ctx: &Context, texts: &[String]) -> Result<(), String> {
+    const CHUNK: usize = 2048;
+    let chunks: Vec<Bytes> = texts
+        .chunks(CHUNK)
+        .map(|c| workload::body(c, Format::Base64))
+        .collect();
+    match post_each(ctx, chunks, 2, Expect::Miss).await {
+        Ok(0) => Ok(()),
+        Ok(_) => Err("a warm-up request was not a miss: keys left from another run?".into()),
+        Err(e) => Err(format!("warm-up: {e}")),
     }
 }
 
@@ -536,11 +616,40 @@ async fn redis_info(conn: &mut redis::aio::MultiplexedConnection) -> (Option<Str
     )
 }
 
+/// The requests of every scenario, built once: the L1 comparison repeats
+/// runs with the very same requests.
+pub struct Pools {
+    pub one: Pool,
+    pub sixtyfour: Pool,
+    pub large: Pool,
+    pub zipf: Option<(Pool, ZipfShape)>,
+}
+
+impl Pools {
+    fn new(args: &Args) -> Pools {
+        Pools {
+            one: Pool::distinct("one", 1024, 1),
+            sixtyfour: Pool::distinct("sixtyfour", 8, 64),
+            large: Pool::distinct("large", 2, 2048),
+            zipf: args.runs(Scenario::Zipf).then(|| {
+                workload::zipf_pool(
+                    args.zipf_keys,
+                    args.zipf_exponent,
+                    args.zipf_inputs,
+                    args.zipf_requests,
+                    0x5EED,
+                )
+            }),
+        }
+    }
+}
+
 async fn run_scenarios(
     args: &Args,
     ctx: &Context,
     keys: &Keys,
     vendor: &FakeVendor,
+    pools: &Pools,
 ) -> Result<Results, String> {
     let gw: Arc<str> = format!("{}/v1/embeddings", ctx.gateway_url).into();
     let mut results = Results {
@@ -551,21 +660,13 @@ async fn run_scenarios(
         warmup_secs: 0.0,
         store_warnings: 0,
         deleted_keys: None,
+        l1: None,
     };
+    let (pool1, pool64, pool2048) = (&pools.one, &pools.sixtyfour, &pools.large);
+    // The peak RSS that per-run resets (`measure_peak`) cleared.
+    let mut earlier_peak = None;
 
-    let pool1 = Pool::distinct("one", 1024, 1);
-    let pool64 = Pool::distinct("sixtyfour", 8, 64);
-    let pool2048 = Pool::distinct("large", 2, 2048);
-    let zipf = args.runs(Scenario::Zipf).then(|| {
-        workload::zipf_pool(
-            args.zipf_keys,
-            args.zipf_exponent,
-            args.zipf_inputs,
-            args.zipf_requests,
-            0x5EED,
-        )
-    });
-
+    results.memory.startup_rss = sys::vm_kib(ctx.gateway_pid, "VmRSS");
     let mut to_warm = Vec::new();
     if args.runs(Scenario::Hit1) {
         to_warm.extend(pool1.texts());
@@ -576,7 +677,7 @@ async fn run_scenarios(
     if args.runs(Scenario::Hit2048) {
         to_warm.extend(pool2048.texts());
     }
-    if let Some((pool, _)) = &zipf {
+    if let Some((pool, _)) = &pools.zipf {
         to_warm.extend(pool.texts());
     }
     eprintln!("warming {} inputs through the gateway ...", to_warm.len());
@@ -596,7 +697,12 @@ async fn run_scenarios(
             ("hit1/base64", Format::Base64),
         ] {
             let op = posting(&ctx.http, Arc::clone(&gw), pool1.bodies(format));
-            results.runs.insert(id, ctx.measure(id, plan, op).await);
+            // The L1 comparison repeats the base64 run, peak RSS included.
+            let measured = match format {
+                Format::Base64 => ctx.measure_peak(id, plan, op, &mut earlier_peak).await,
+                Format::Float => ctx.measure(id, plan, op).await,
+            };
+            results.runs.insert(id, measured);
         }
         let op = mgetting(&ctx.redis, pool1.mgets(keys));
         results.runs.insert(
@@ -624,7 +730,7 @@ async fn run_scenarios(
 
     if args.runs(Scenario::Hit2048) {
         eprintln!("all-hit, 2048 inputs x 1536:");
-        results.memory.peak_before_2048 = sys::vm_kib(ctx.gateway_pid, "VmHWM");
+        results.memory.peak_before_2048 = earlier_peak.max(sys::vm_kib(ctx.gateway_pid, "VmHWM"));
         results.memory.reset_worked = sys::reset_peak_rss(ctx.gateway_pid);
         let cmds = || pool2048.mgets(keys);
         let latency = args.plan(1);
@@ -677,22 +783,23 @@ async fn run_scenarios(
         }
     }
 
-    if let Some((pool, shape)) = zipf {
+    if let Some((pool, shape)) = &pools.zipf {
         eprintln!(
             "zipf: {} keys, exponent {}, {} inputs per request ({} distinct touched):",
             shape.keys, shape.exponent, shape.inputs, shape.touched
         );
         let plan = args.plan(args.concurrency);
         let op = posting(&ctx.http, Arc::clone(&gw), pool.bodies(Format::Base64));
-        results
-            .runs
-            .insert("zipf/base64", ctx.measure("zipf/base64", plan, op).await);
+        let measured = ctx
+            .measure_peak("zipf/base64", plan, op, &mut earlier_peak)
+            .await;
+        results.runs.insert("zipf/base64", measured);
         let op = mgetting(&ctx.redis, pool.mgets(keys));
         results.runs.insert(
             "zipf/redis",
             ctx.measure("zipf/redis (ceiling)", plan, op).await,
         );
-        results.zipf = Some(shape);
+        results.zipf = Some(shape.clone());
     }
     Ok(results)
 }
@@ -738,7 +845,9 @@ async fn run(args: Args) -> Result<(), String> {
         .build()
         .map_err(|e| format!("http client: {e}"))?;
 
-    let mut gateway = spawn_gateway(&args, &vendor.base_url(), &prefix)?;
+    let mut gateway = spawn_gateway(&args, &vendor.base_url(), &prefix, "gateway", &[])?;
+    // The L1 comparison's gateway, once started.
+    let mut l1_gateway: Option<GatewayProcess> = None;
     eprintln!(
         "gateway pid {} at {} (key prefix {prefix}, log {})",
         gateway.pid(),
@@ -759,32 +868,46 @@ async fn run(args: Args) -> Result<(), String> {
             namespace: vendor.base_url().trim_end_matches('/').to_owned(),
             prefix: prefix.clone(),
         };
+        let pools = Pools::new(&args);
+        let all = async {
+            let mut results = run_scenarios(&args, &ctx, &keys, &vendor, &pools).await?;
+            if args.compares_l1() {
+                // One gateway at a time on the shared cores.
+                gateway.stop();
+                let setup = l1::Setup {
+                    vendor_url: &vendor.base_url(),
+                    prefix: &prefix,
+                };
+                let compared = l1::compare(&args, &ctx, &setup, &pools, &mut l1_gateway).await;
+                if let Err(e) = &compared {
+                    eprintln!("L1 comparison failed: {e}");
+                }
+                results.l1 = Some(compared);
+            }
+            Ok(results)
+        };
         tokio::select! {
-            r = run_scenarios(&args, &ctx, &keys, &vendor) => r,
+            r = all => r,
             _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
         }
     }
     .await;
 
-    // Stop the gateway first so no late cache write outlives the clean-up.
+    // Stop the gateways first so no late cache write outlives the clean-up.
     gateway.stop();
-    let log = std::fs::read_to_string(&gateway.log).unwrap_or_default();
+    if let Some(g) = &mut l1_gateway {
+        g.stop();
+    }
     let deleted = delete_prefix(&mut redis_conn, &prefix).await;
     match &deleted {
         Ok(n) => eprintln!("deleted {n} keys under {prefix}:*"),
         Err(e) => eprintln!("clean-up of {prefix}:* failed: {e}"),
     }
     let mut results = outcome?;
-    results.store_warnings = log.lines().filter(|l| l.contains("store failed")).count();
+    results.store_warnings = store_failures(&gateway);
     results.deleted_keys = deleted.ok();
-    if results.store_warnings == 0 {
-        let _ = std::fs::remove_file(&gateway.log);
-    } else {
-        eprintln!(
-            "the gateway logged {} store failures: see {}",
-            results.store_warnings,
-            gateway.log.display()
-        );
+    if let (Some(g), Some(Ok(compared))) = (&l1_gateway, &mut results.l1) {
+        compared.store_warnings = store_failures(g);
     }
 
     let criterion = match &args.criterion {
@@ -812,5 +935,26 @@ async fn run(args: Args) -> Result<(), String> {
     std::fs::write(&args.out, &markdown)
         .map_err(|e| format!("writing {}: {e}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
-    Ok(())
+    match &results.l1 {
+        Some(Err(e)) => Err(format!(
+            "the L1 comparison failed (the report says so): {e}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The "store failed" warnings in a stopped gateway's log; the log is
+/// removed when there are none, and kept (and named) otherwise.
+fn store_failures(gateway: &GatewayProcess) -> usize {
+    let log = std::fs::read_to_string(&gateway.log).unwrap_or_default();
+    let failures = log.lines().filter(|l| l.contains("store failed")).count();
+    if failures == 0 {
+        let _ = std::fs::remove_file(&gateway.log);
+    } else {
+        eprintln!(
+            "the gateway logged {failures} store failures: see {}",
+            gateway.log.display()
+        );
+    }
+    failures
 }

@@ -2,8 +2,9 @@
 
 use std::fmt::Write as _;
 
+use crate::l1::{self, Comparison};
 use crate::sys::{CpuTime, Machine};
-use crate::workload::{DIMS, ENTRY_BYTES};
+use crate::workload::{DIMS, ENTRY_BYTES, ZipfShape};
 use crate::{Measured, Results};
 
 pub struct Settings<'a> {
@@ -27,6 +28,11 @@ pub struct Input<'a> {
 const TARGET_HIT1_THROUGHPUT: f64 = 0.60;
 const TARGET_2048_BASE64_VS_REDIS: f64 = 2.0;
 const TARGET_FLOAT_VS_BASE64: f64 = 3.0;
+/// The L1 is worth enabling by default if Zipf req/s (on / off) reaches
+/// this ...
+const L1_MIN_ZIPF_GAIN: f64 = 1.10;
+/// ... without 1-input p99 (on / off) exceeding this.
+const L1_MAX_HIT1_P99: f64 = 1.10;
 
 fn ms(v: f64) -> String {
     if v < 1.0 {
@@ -372,9 +378,7 @@ pub fn render(input: &Input) -> String {
             "{} requests of {} inputs each (base64), ranks drawn over {} keys with \
              P(rank k) ∝ 1/k^{}: the hottest 1% of keys take {:.0}% of lookups, the \
              hottest 100 keys {:.0}%. The requests touch {} distinct keys ({:.0} MB of \
-             entries), all stored before the run; rows are in the table above. This is \
-             the baseline for an in-process L1 cache: rerun with `bench/run.sh --only zipf \
-             --gateway-env EMBGATE__L1__MAX_BYTES=<bytes> --out <file>` to compare.\n",
+             entries), all stored before the run; rows are in the table above. {}\n",
             z.requests,
             z.inputs,
             z.keys,
@@ -383,6 +387,12 @@ pub fn render(input: &Input) -> String {
             z.top_100_share * 100.0,
             z.touched,
             (z.touched * ENTRY_BYTES) as f64 / 1e6,
+            if r.l1.is_some() {
+                "The in-process L1 cache is compared on this workload below."
+            } else {
+                "This is the baseline for an in-process L1 cache: run without `--no-l1` \
+                 to compare."
+            },
         );
         if let (Some(gw), Some(c)) = (run("zipf/base64"), run("zipf/redis")) {
             let _ = writeln!(
@@ -398,9 +408,18 @@ pub fn render(input: &Input) -> String {
         }
     }
 
+    if let Some(compared) = &r.l1 {
+        render_l1(&mut md, input, compared);
+    }
+
     // Memory.
     if r.memory.peak_2048.is_some() || r.memory.after_warmup_rss.is_some() {
         md.push_str("## Gateway memory\n\n| Measure | Value |\n|---|--:|\n");
+        let _ = writeln!(
+            md,
+            "| RSS once healthy, before any request (VmRSS) | {} |",
+            mib(r.memory.startup_rss)
+        );
         let _ = writeln!(
             md,
             "| RSS after warm-up (VmRSS) | {} |",
@@ -483,6 +502,236 @@ pub fn render(input: &Input) -> String {
     md
 }
 
+/// The "In-process L1 cache" section: the repeated runs next to the
+/// originals, and which way the rule for enabling it by default went.
+fn render_l1(md: &mut String, input: &Input, compared: &Result<Comparison, String>) {
+    md.push_str("## In-process L1 cache\n\n");
+    let c = match compared {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(
+                md,
+                "The L1 comparison failed, so nothing is measured: {e}\n"
+            );
+            return;
+        }
+    };
+    let r = input.results;
+    let _ = writeln!(
+        md,
+        "After the runs above, their gateway was stopped and a second one started with the \
+         same key prefix, vendor and settings plus `{}={}` ({}), reading the keys the first \
+         one stored; it repeated the runs below with the same requests. Before each run, one \
+         untimed pass sent every request of the run once, so the L1 holds what fits (the \
+         steady state of a long-running gateway). L1 share: lookups the L1 answered \
+         (`embgate_l1_hits_total`) out of all cache hits \
+         (`embgate_cache_lookups_total{{result=\"hit\"}}`), over the run including its \
+         warm-up. Peak RSS: VmHWM reset just before the run, so it cannot be below the \
+         process's RSS at that moment (the row above it). The two processes have different \
+         histories: the L1-off gateway had served the warm-up (misses, up to 2048 inputs per \
+         request) and the other scenarios first, the L1 gateway only the priming passes and \
+         these runs; compare the RSS rows with that in mind. On / off above 1 is better for \
+         req/s, worse for the rest.\n",
+        l1::MAX_BYTES_ENV,
+        c.max_bytes,
+        mib(Some(c.max_bytes / 1024)),
+    );
+    if let Some((k, v)) = input
+        .settings
+        .gateway_env
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(l1::MAX_BYTES_ENV))
+    {
+        let _ = writeln!(
+            md,
+            "**Caution:** `--gateway-env {k}={v}` applied to the first gateway too, so the \
+             \"L1 off\" column is off only if that value is 0.\n"
+        );
+    }
+    md.push_str("| Scenario | Measure | L1 off | L1 on | On / off |\n|---|---|--:|--:|--:|\n");
+    let scenarios = [
+        ("zipf/base64", zipf_title(r.zipf.as_ref())),
+        ("hit1/base64", "1 input, base64".to_owned()),
+    ];
+    for (id, title) in &scenarios {
+        if let (Some(off), Some(on)) = (r.runs.get(id), c.runs.get(id)) {
+            l1_rows(
+                md,
+                &format!("{title}, {} conns", on.measured.stats.concurrency),
+                off,
+                on,
+            );
+        }
+    }
+    md.push('\n');
+    let growth = match (c.startup_rss, c.peak_rss) {
+        (Some(start), Some(peak)) => format!(
+            ", {} above its RSS once started",
+            mib(Some(peak.saturating_sub(start)))
+        ),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        md,
+        "RSS once healthy, before any request: {} (L1 off), {} (L1 on). Peak RSS of the L1 \
+         gateway over its whole life (startup, priming, the runs above): {}{growth}.\n",
+        mib(r.memory.startup_rss),
+        mib(c.startup_rss),
+        mib(c.peak_rss),
+    );
+    let problems: Vec<String> = scenarios
+        .iter()
+        .filter_map(|(id, _)| {
+            let on = c.runs.get(id)?;
+            let why = invalid(&on.measured)?;
+            Some(format!("- `l1/{id}`: {why}"))
+        })
+        .collect();
+    if !problems.is_empty() {
+        md.push_str("Runs with the L1 on that cannot back a claim:\n\n");
+        md.push_str(&problems.join("\n"));
+        md.push_str("\n\n");
+    }
+    if c.store_warnings > 0 {
+        let _ = writeln!(
+            md,
+            "The L1 gateway logged {} \"store failed\" warnings.\n",
+            c.store_warnings
+        );
+    }
+    let pair = |id: &str| Some((r.runs.get(id)?, &c.runs.get(id)?.measured));
+    let _ = writeln!(
+        md,
+        "{}\n",
+        l1_rule(pair("zipf/base64"), pair("hit1/base64"))
+    );
+}
+
+fn zipf_title(shape: Option<&ZipfShape>) -> String {
+    match shape {
+        Some(z) => format!("Zipf, {} inputs, base64", z.inputs),
+        None => "Zipf, base64".to_owned(),
+    }
+}
+
+/// One scenario's rows: req/s, latency, CPU, peak RSS and L1 share.
+fn l1_rows(md: &mut String, title: &str, off: &Measured, on: &l1::Run) {
+    let onm = &on.measured;
+    let (a, b) = (&off.stats, &onm.stats);
+    let cpu = |m: &Measured| {
+        m.cpu
+            .gateway
+            .filter(|_| m.stats.ok > 0)
+            .map(|c| c.total() / m.stats.ok as f64 * 1e6)
+    };
+    let q = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) if x > 0.0 => ratio(y / x),
+        _ => "n/a".to_owned(),
+    };
+    let kib = |k: Option<u64>| k.map(|k| k as f64);
+    let rows: [(&str, String, String, String); 6] = [
+        (
+            "Req/s",
+            format!("{:.0}", a.per_second()),
+            format!("{:.0}", b.per_second()),
+            q(Some(a.per_second()), Some(b.per_second())),
+        ),
+        (
+            "p50 ms",
+            ms(a.p50()),
+            ms(b.p50()),
+            q(Some(a.p50()), Some(b.p50())),
+        ),
+        (
+            "p99 ms",
+            ms(a.p99()),
+            ms(b.p99()),
+            q(Some(a.p99()), Some(b.p99())),
+        ),
+        (
+            "Gateway CPU µs/req",
+            per_request_us(off.cpu.gateway, off),
+            per_request_us(onm.cpu.gateway, onm),
+            q(cpu(off), cpu(onm)),
+        ),
+        (
+            "RSS when the run started",
+            mib(off.start_rss),
+            mib(onm.start_rss),
+            q(kib(off.start_rss), kib(onm.start_rss)),
+        ),
+        (
+            "Peak RSS during the run",
+            mib(off.peak_rss),
+            mib(onm.peak_rss),
+            q(kib(off.peak_rss), kib(onm.peak_rss)),
+        ),
+    ];
+    for (i, (measure, x, y, z)) in rows.iter().enumerate() {
+        let t = if i == 0 { title } else { "" };
+        let _ = writeln!(md, "| {t} | {measure} | {x} | {y} | {z} |");
+    }
+    let share = on
+        .l1_share
+        .map_or("n/a".to_owned(), |s| format!("{:.1}%", s * 100.0));
+    let _ = writeln!(md, "| | L1 share of cache hits | (off) | {share} | |");
+}
+
+/// The rule for enabling the L1 by default, and which way this run went.
+fn l1_rule(zipf: Option<(&Measured, &Measured)>, hit1: Option<(&Measured, &Measured)>) -> String {
+    let rule = format!(
+        "**Rule:** the L1 is worth enabling by default if Zipf req/s improves by ≥ {:.0}% \
+         (on / off ≥ {}) without hurting 1-input p99 by more than {:.0}% (on / off ≤ {})",
+        (L1_MIN_ZIPF_GAIN - 1.0) * 100.0,
+        ratio(L1_MIN_ZIPF_GAIN),
+        (L1_MAX_HIT1_P99 - 1.0) * 100.0,
+        ratio(L1_MAX_HIT1_P99),
+    );
+    let (Some((zoff, zon)), Some((hoff, hon))) = (zipf, hit1) else {
+        let missing = match (zipf, hit1) {
+            (None, None) => "neither the Zipf nor the 1-input scenario",
+            (None, _) => "the Zipf scenario was not",
+            _ => "the 1-input scenario was not",
+        };
+        return format!(
+            "{rule}; this run cannot tell: {missing} run on both gateways (`--only` \
+             needs both `zipf` and `hit1`)."
+        );
+    };
+    let problems: Vec<String> = [zoff, zon, hoff, hon]
+        .iter()
+        .filter_map(|m| invalid(m))
+        .collect();
+    let gain = zon.stats.per_second() / zoff.stats.per_second().max(1e-9);
+    let p99 = hon.stats.p99() / hoff.stats.p99().max(1e-9);
+    let measured = format!(
+        "this run: Zipf req/s × {} ({}), 1-input p99 × {} ({})",
+        ratio(gain),
+        if gain >= L1_MIN_ZIPF_GAIN {
+            "met"
+        } else {
+            "not met"
+        },
+        ratio(p99),
+        if p99 <= L1_MAX_HIT1_P99 {
+            "met"
+        } else {
+            "not met"
+        },
+    );
+    let way = if !problems.is_empty() {
+        format!(
+            "so the verdict is not established ({})",
+            problems.join("; ")
+        )
+    } else if gain >= L1_MIN_ZIPF_GAIN && p99 <= L1_MAX_HIT1_P99 {
+        "so the measurement **favours enabling it by default**".to_owned()
+    } else {
+        "so the measurement **does not favour enabling it by default**".to_owned()
+    };
+    format!("{rule}; {measured}, {way}.")
+}
+
 /// `(name, median ns)` from criterion's `--output-format bencher` lines:
 /// `test NAME ... bench:      12,345 ns/iter (+/- 67)`.
 fn parse_bencher(text: &str) -> Vec<(String, f64)> {
@@ -524,6 +773,49 @@ fn duration_ns(ns: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn measured(ok: u64, latency_us: u64) -> Measured {
+        let mut latency = hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
+            .expect("valid histogram bounds");
+        latency.saturating_record(latency_us);
+        Measured {
+            stats: crate::load::Stats {
+                concurrency: 1,
+                ok,
+                errors: 0,
+                unexpected: 0,
+                first_error: None,
+                bytes: 0,
+                window: std::time::Duration::from_secs(1),
+                latency,
+            },
+            cpu: crate::Cpu::default(),
+            peak_rss: None,
+            start_rss: None,
+        }
+    }
+
+    #[test]
+    fn l1_rule_goes_the_way_measured() {
+        let (zoff, hoff) = (measured(1000, 1000), measured(1000, 1000));
+        let favours = l1_rule(
+            Some((&zoff, &measured(1100, 900))),
+            Some((&hoff, &measured(1000, 1050))),
+        );
+        assert!(favours.contains("**favours enabling"), "{favours}");
+        let slower = l1_rule(
+            Some((&zoff, &measured(1050, 900))),
+            Some((&hoff, &measured(1000, 1000))),
+        );
+        assert!(slower.contains("does not favour"), "{slower}");
+        let hurts_p99 = l1_rule(
+            Some((&zoff, &measured(2000, 900))),
+            Some((&hoff, &measured(1000, 1200))),
+        );
+        assert!(hurts_p99.contains("does not favour"), "{hurts_p99}");
+        let untold = l1_rule(Some((&zoff, &measured(2000, 900))), None);
+        assert!(untold.contains("cannot tell"), "{untold}");
+    }
 
     #[test]
     fn parses_bencher_lines() {

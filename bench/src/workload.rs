@@ -173,6 +173,7 @@ impl Zipf {
 }
 
 /// What a Zipf pool looks like, for the report.
+#[derive(Clone)]
 pub struct ZipfShape {
     pub keys: usize,
     pub exponent: f64,

@@ -56,6 +56,8 @@ impl TestGateway {
             // Generous: the shared test machine may be busy.
             ("EMBGATE__STORE__TIMEOUT_MS".into(), "2000".into()),
             ("EMBGATE__UPSTREAM__BASE_URL".into(), vendor.base_url()),
+            // Tests exercise the Redis path; the L1 test turns it on.
+            ("EMBGATE__L1__MAX_BYTES".into(), "0".into()),
         ]);
         for (k, v) in env {
             vars.insert((*k).into(), (*v).into());
