@@ -330,3 +330,81 @@ fn hash_key_prints_the_sha256_of_a_key() {
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
 }
+
+#[tokio::test]
+async fn keys_never_reach_the_logs() {
+    let good = "sk-good-key-that-must-stay-secret";
+    let bad = "sk-bad-key-that-must-stay-secret";
+    let vendor = FakeVendor::start_with(fake_vendor::Options {
+        valid_keys: Some(vec![good.to_owned()]),
+        ..fake_vendor::Options::default()
+    })
+    .await;
+    let prefix = unique_prefix();
+    let port = free_port();
+    let log_path = std::env::temp_dir().join(format!("{prefix}.log"));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
+        .arg("serve")
+        .env("EMBGATE__LISTEN", format!("127.0.0.1:{port}"))
+        .env("EMBGATE__STORE__URL", redis_url())
+        .env("EMBGATE__STORE__KEY_PREFIX", &prefix)
+        .env("EMBGATE__UPSTREAM__BASE_URL", vendor.base_url())
+        .env("RUST_LOG", "trace")
+        .stderr(std::process::Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = json!({"model": SMALL, "input": "secret keeping", "dimensions": 8});
+    for (key, status) in [(good, 200), (bad, 401), (good, 200), (bad, 401)] {
+        let response = http
+            .post(format!("{base}/v1/embeddings"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), status);
+        let text = response.text().await.expect("body");
+        assert!(!text.contains(key), "{text}");
+        let passthrough = http
+            .get(format!("{base}/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(passthrough.status(), status);
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let pid = child.id().expect("pid");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let logs = std::fs::read_to_string(&log_path).expect("logs");
+    let _ = std::fs::remove_file(&log_path);
+    delete_prefix(&prefix);
+    assert!(logs.lines().count() > 5, "trace logging was on:\n{logs}");
+    for key in [good, bad] {
+        assert!(!logs.contains(key), "a key leaked into the logs");
+        assert!(!metrics.contains(key), "a key leaked into the metrics");
+    }
+}
