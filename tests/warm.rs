@@ -202,6 +202,20 @@ async fn fills_the_cache_fetching_each_distinct_input_once() {
     assert!((summary.usd_paid - usd_paid).abs() < 1e-12, "{summary:?}");
     assert!((summary.usd_saved - usd_saved).abs() < 1e-12, "{summary:?}");
     assert!(summary.unpriced_models.is_empty());
+    let store = embgate::store::Store::connect_lazy(&settings.store).expect("store");
+    let ledger =
+        embgate::ledger::read_ledger(&store, &embgate::ledger::ledger_key(&scratch.prefix))
+            .await
+            .expect("ledger");
+    let spent: f64 = ledger
+        .iter()
+        .filter(|(account, _)| account.kind == embgate::ledger::Kind::SpentTokens)
+        .map(|(_, tokens)| tokens)
+        .sum();
+    assert_eq!(
+        spent as u64, summary.tokens_paid,
+        "the run is in the all-time ledger"
+    );
     let printed = summary.to_string();
     assert!(printed.contains("13 of 13 lines done"), "{printed}");
 

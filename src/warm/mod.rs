@@ -270,6 +270,10 @@ pub async fn warm_until(
         }
     }
     gateway.embedder.drain().await;
+    // What this run paid and saved belongs in the all-time ledger too.
+    if let Err(e) = gateway.ledger.flush().await {
+        tracing::warn!(error = %e, "ledger not updated with this run's savings");
+    }
     bar.finish_and_clear();
 
     summary.lines = tally.lines;
