@@ -20,6 +20,8 @@ pub enum ApiError {
     BodyRead(String),
     #[error("Unknown route {0}: this gateway serves /v1/... only.")]
     NotFound(String),
+    #[error("Method not allowed: use {0}.")]
+    MethodNotAllowed(&'static str),
     #[error(transparent)]
     Embed(#[from] EmbedError),
     #[error(transparent)]
@@ -101,6 +103,13 @@ impl IntoResponse for ApiError {
                 &message,
                 None,
                 Some("unknown_url"),
+            ),
+            ApiError::MethodNotAllowed(_) => openai_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                &message,
+                None,
+                None,
             ),
             ApiError::Unavailable(_) => openai_error(
                 StatusCode::SERVICE_UNAVAILABLE,

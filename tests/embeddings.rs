@@ -278,6 +278,16 @@ async fn bad_requests_get_openai_errors_and_never_reach_the_vendor() {
         assert_eq!(e["param"].as_str(), param, "{snippet}: {err}");
         assert!(e.get("code").is_some());
     }
+    let wrong_method = gw
+        .http
+        .get(format!("{}/v1/embeddings", gw.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(wrong_method.status(), 405);
+    let err: Value = wrong_method.json().await.expect("json error");
+    assert_eq!(err["error"]["type"], "invalid_request_error");
     assert!(gw.vendor.embedding_requests().is_empty());
     assert!(gw.keys().await.is_empty());
 }
