@@ -77,9 +77,9 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
 /// stays bounded and sending overlaps rendering.
 const STREAM_ABOVE_BYTES: usize = 1024 * 1024;
 /// Size of each streamed part.
-const PART_BYTES: usize = 512 * 1024;
+const PART_BYTES: usize = 256 * 1024;
 /// Parts rendered at once, on the blocking pool, ahead of the socket.
-const PARTS_IN_FLIGHT: usize = 2;
+const PARTS_IN_FLIGHT: usize = 3;
 
 /// Renders a large response in parts on the blocking pool (several at
 /// once, so formatting millions of floats uses every core and never stalls
