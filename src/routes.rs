@@ -118,7 +118,14 @@ async fn embeddings(
     let model = request.model.clone();
     let format = request.encoding_format;
     let upstream = Arc::clone(state.embedder.upstreams().route(&request.model));
-    state.auth.admit(&caller, &upstream).await?;
+    // The caller's key is checked with a vendor that would take it: one
+    // paid with its own key does not, so the default vendor judges then.
+    let verifier = if upstream.has_own_key() {
+        state.embedder.upstreams().default()
+    } else {
+        &upstream
+    };
+    state.auth.admit(&caller, verifier).await?;
     let ctx = CallContext::new(upstream, caller, &request.model, &headers);
     let embedded = state.embedder.embed(Arc::new(request), ctx).await?;
 

@@ -400,3 +400,28 @@ async fn azure_paths_and_headers_are_built_for_deployments() {
     assert_eq!(embed.3, None, "no bearer header to Azure");
     assert!(gw.vendor.embedding_requests().is_empty());
 }
+
+#[tokio::test]
+async fn forward_mode_with_a_vendor_paid_by_the_gateway_still_checks_callers() {
+    let acme = vendor_accepting(&["sk-acme-owned"]).await;
+    let acme_url = acme.base_url();
+    let gw = TestGateway::start_with(
+        vendor_accepting(&[KEY]).await,
+        &[
+            ("EMBGATE__UPSTREAMS__ACME__BASE_URL", &acme_url),
+            ("EMBGATE__UPSTREAMS__ACME__MODELS", "acme-*"),
+            ("EMBGATE__UPSTREAMS__ACME__API_KEY", "sk-acme-owned"),
+        ],
+    )
+    .await;
+    let body = json!({"model": "acme-embed-v1", "input": "paid by the gateway"});
+    let response = post_with_key(&gw, Some(KEY), &body).await;
+    assert_eq!(response.status(), 200);
+    let calls = acme.embedding_requests();
+    assert_eq!(
+        calls[0].authorization.as_deref(),
+        Some("Bearer sk-acme-owned")
+    );
+    let response = post_with_key(&gw, Some("sk-stranger"), &body).await;
+    assert_eq!(response.status(), 401, "callers are still checked");
+}
