@@ -220,40 +220,76 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The real binary, serving on a free port in front of `vendor_url`.
+struct Binary {
+    child: tokio::process::Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Binary {
+    async fn serve(
+        vendor_url: &str,
+        prefix: &str,
+        rust_log: &str,
+        stderr: std::process::Stdio,
+    ) -> Binary {
+        let port = free_port();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
+            .arg("serve")
+            .env("EMBGATE__LISTEN", format!("127.0.0.1:{port}"))
+            .env("EMBGATE__STORE__URL", redis_url())
+            .env("EMBGATE__STORE__KEY_PREFIX", prefix)
+            .env("EMBGATE__UPSTREAM__BASE_URL", vendor_url)
+            .env("RUST_LOG", rust_log)
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starts");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let base = format!("http://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if http
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return Binary { child, base, http };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the binary did not come up");
+    }
+
+    /// SIGTERM, then the exit status.
+    async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("pid");
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("stops after SIGTERM")
+            .expect("status")
+    }
+}
+
 #[tokio::test]
 async fn the_binary_serves_with_environment_configuration_and_stops_cleanly() {
     let vendor = FakeVendor::start().await;
     let prefix = unique_prefix();
-    let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
-        .arg("serve")
-        .env("EMBGATE__LISTEN", format!("127.0.0.1:{port}"))
-        .env("EMBGATE__STORE__URL", redis_url())
-        .env("EMBGATE__STORE__KEY_PREFIX", &prefix)
-        .env("EMBGATE__UPSTREAM__BASE_URL", vendor.base_url())
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starts");
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
-    let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..100 {
-        if http
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "binary came up");
+    let binary = Binary::serve(
+        &vendor.base_url(),
+        &prefix,
+        "warn",
+        std::process::Stdio::inherit(),
+    )
+    .await;
+    let (http, base) = (binary.http.clone(), binary.base.clone());
     assert_eq!(
         http.get(format!("{base}/readyz"))
             .send()
@@ -277,14 +313,7 @@ async fn the_binary_serves_with_environment_configuration_and_stops_cleanly() {
             vendor_vector(SMALL, Some(8), &text("from the binary"))
         );
     }
-    let pid = child.id().expect("pid");
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("stops after SIGTERM")
-        .expect("status");
+    let status = binary.stop().await;
     assert!(status.success(), "{status:?}");
     delete_prefix(&prefix);
 }
@@ -341,31 +370,16 @@ async fn keys_never_reach_the_logs() {
     })
     .await;
     let prefix = unique_prefix();
-    let port = free_port();
     let log_path = std::env::temp_dir().join(format!("{prefix}.log"));
     let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
-        .arg("serve")
-        .env("EMBGATE__LISTEN", format!("127.0.0.1:{port}"))
-        .env("EMBGATE__STORE__URL", redis_url())
-        .env("EMBGATE__STORE__KEY_PREFIX", &prefix)
-        .env("EMBGATE__UPSTREAM__BASE_URL", vendor.base_url())
-        .env("RUST_LOG", "trace")
-        .stderr(std::process::Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starts");
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if http.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let binary = Binary::serve(
+        &vendor.base_url(),
+        &prefix,
+        "trace",
+        std::process::Stdio::from(log),
+    )
+    .await;
+    let (http, base) = (binary.http.clone(), binary.base.clone());
     let body = json!({"model": SMALL, "input": "secret keeping", "dimensions": 8});
     for (key, status) in [(good, 200), (bad, 401), (good, 200), (bad, 401)] {
         let response = http
@@ -394,11 +408,7 @@ async fn keys_never_reach_the_logs() {
         .text()
         .await
         .expect("text");
-    let pid = child.id().expect("pid");
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    binary.stop().await;
     let logs = std::fs::read_to_string(&log_path).expect("logs");
     let _ = std::fs::remove_file(&log_path);
     delete_prefix(&prefix);
