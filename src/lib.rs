@@ -5,6 +5,7 @@
 //! `store`, `inflight`, `upstream`, `entry`) -> `protocol` (write).
 
 pub mod auth;
+pub mod body;
 pub mod config;
 pub mod entry;
 pub mod error;

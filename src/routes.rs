@@ -5,16 +5,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::StreamExt;
 
 use crate::auth::Auth;
+use crate::body;
 use crate::entry::Entry;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -73,34 +73,6 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     response
 }
 
-/// Responses larger than this are streamed as they are rendered: memory
-/// stays bounded and sending overlaps rendering.
-const STREAM_ABOVE_BYTES: usize = 1024 * 1024;
-/// Size of each streamed part.
-const PART_BYTES: usize = 256 * 1024;
-/// Parts rendered at once, on the blocking pool, ahead of the socket.
-const PARTS_IN_FLIGHT: usize = 3;
-
-/// Renders a large response in parts on the blocking pool (several at
-/// once, so formatting millions of floats uses every core and never stalls
-/// the async threads) and streams them in order.
-fn stream_body(response: EmbeddingResponse<Payload>) -> Body {
-    let response = Arc::new(response);
-    let parts = response.parts(PART_BYTES);
-    let rendered = futures_util::stream::iter(parts)
-        .map(move |range| {
-            let response = Arc::clone(&response);
-            tokio::task::spawn_blocking(move || {
-                let mut out = Vec::with_capacity(response.part_size_hint(range.clone()));
-                response.write_part(range, &mut out);
-                Bytes::from(out)
-            })
-        })
-        .buffered(PARTS_IN_FLIGHT)
-        .map(|part| part.map_err(std::io::Error::other));
-    Body::from_stream(rendered)
-}
-
 async fn embeddings(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -132,13 +104,7 @@ async fn embeddings(
     let (cache, upstream_tokens) = (embedded.cache, embedded.upstream_tokens);
     let vectors: Vec<Payload> = embedded.entries.into_iter().map(Payload).collect();
     let response = EmbeddingResponse::new(model, vectors, format, embedded.prompt_tokens);
-    let body = if response.size_hint() > STREAM_ABOVE_BYTES {
-        stream_body(response)
-    } else {
-        let mut json = Vec::with_capacity(response.size_hint());
-        response.write_part(0..response.len(), &mut json);
-        Body::from(json)
-    };
+    let body = body::render(response);
     let mut response = (
         [(
             header::CONTENT_TYPE,

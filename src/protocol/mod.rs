@@ -1,6 +1,8 @@
 //! OpenAI's embeddings wire format: parsing and validating requests the way
 //! the vendor does, and writing responses without an intermediate JSON tree.
 
+mod floats;
+
 use std::fmt;
 
 use serde::Deserialize;
@@ -391,8 +393,8 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
         let bytes = vector.as_ref().len();
         64 + match self.format {
             EncodingFormat::Base64 => bytes.div_ceil(3) * 4,
-            // Shortest f32 forms average about 11 characters with the comma.
-            EncodingFormat::Float => bytes / 4 * 12,
+            // Nine-digit values average about 12.5 characters with the comma.
+            EncodingFormat::Float => bytes / 4 * 13,
         }
     }
 
@@ -468,18 +470,12 @@ fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
 }
 
-/// The shortest decimal form of each f32 that reads back as the same f32.
+/// Each f32 as a decimal that reads back as the same f32.
 fn write_floats(out: &mut Vec<u8>, bytes: &[u8]) {
-    let mut float = zmij::Buffer::new();
-    out.push(b'[');
-    for (i, chunk) in bytes.chunks_exact(4).enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        let value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        out.extend_from_slice(float.format_finite(value).as_bytes());
-    }
-    out.push(b']');
+    let values = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    floats::write_array(out, values);
 }
 
 /// Formats an unsigned integer into `buf` without allocating.
