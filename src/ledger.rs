@@ -44,6 +44,16 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
+    /// Position in [`Kind::ALL`].
+    fn index(self) -> usize {
+        match self {
+            Kind::SavedTokens => 0,
+            Kind::SavedUsd => 1,
+            Kind::SpentTokens => 2,
+            Kind::SpentUsd => 3,
+        }
+    }
+
     fn is_tokens(self) -> bool {
         matches!(self, Kind::SavedTokens | Kind::SpentTokens)
     }
@@ -74,10 +84,29 @@ impl Account {
     }
 }
 
+/// Amounts not yet flushed, by tenant and model, in [`Kind::ALL`] order.
+/// Nested maps so that recording looks up by `&str` and allocates only for
+/// a tenant or model it has not seen since the last flush.
+type Tally = HashMap<String, HashMap<String, [f64; 4]>>;
+
+fn add_to(tally: &mut Tally, tenant: &str, model: &str, amounts: [f64; 4]) {
+    let models = match tally.get_mut(tenant) {
+        Some(models) => models,
+        None => tally.entry(tenant.to_owned()).or_default(),
+    };
+    let slot = match models.get_mut(model) {
+        Some(slot) => slot,
+        None => models.entry(model.to_owned()).or_default(),
+    };
+    for (total, amount) in slot.iter_mut().zip(amounts) {
+        *total += amount;
+    }
+}
+
 pub struct Ledger {
     store: Store,
     key: String,
-    pending: Mutex<HashMap<Account, f64>>,
+    pending: Mutex<Tally>,
     metrics: Arc<Metrics>,
 }
 
@@ -99,28 +128,39 @@ impl Ledger {
         spent_tokens: u64,
         price: f64,
     ) {
+        let amounts = [
+            saved_tokens as f64,
+            saved_tokens as f64 * price / 1e6,
+            spent_tokens as f64,
+            spent_tokens as f64 * price / 1e6,
+        ];
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut add = |kind: Kind, amount: f64| {
-            if amount > 0.0 {
-                let account = Account {
-                    kind,
-                    tenant: tenant.to_owned(),
-                    model: model.to_owned(),
-                };
-                *pending.entry(account).or_insert(0.0) += amount;
-            }
-        };
-        add(Kind::SavedTokens, saved_tokens as f64);
-        add(Kind::SavedUsd, saved_tokens as f64 * price / 1e6);
-        add(Kind::SpentTokens, spent_tokens as f64);
-        add(Kind::SpentUsd, spent_tokens as f64 * price / 1e6);
+        add_to(&mut pending, tenant, model, amounts);
     }
 
     /// Writes the tally to Redis; on failure it is kept for the next flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let batch: Vec<(Account, f64)> = {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            pending.drain().collect()
+            let mut batch = Vec::new();
+            for (tenant, models) in pending.drain() {
+                for (model, amounts) in models {
+                    for (kind, amount) in Kind::ALL.into_iter().zip(amounts) {
+                        if amount > 0.0 {
+                            let (tenant, model) = (tenant.clone(), model.clone());
+                            batch.push((
+                                Account {
+                                    kind,
+                                    tenant,
+                                    model,
+                                },
+                                amount,
+                            ));
+                        }
+                    }
+                }
+            }
+            batch
         };
         if batch.is_empty() {
             return Ok(());
@@ -155,7 +195,9 @@ impl Ledger {
         if result.is_err() {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
             for (account, amount) in batch {
-                *pending.entry(account).or_insert(0.0) += amount;
+                let mut amounts = [0.0; 4];
+                amounts[account.kind.index()] = amount;
+                add_to(&mut pending, &account.tenant, &account.model, amounts);
             }
         }
         result

@@ -504,3 +504,98 @@ async fn large_responses_are_streamed_and_stay_exact() {
         );
     }
 }
+
+/// Reads one HTTP/1.1 response with a Content-Length body off `stream`,
+/// keeping any bytes past it in `buf` for the next one.
+async fn read_response(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16, Value) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status: u16 = head[9..12].parse().expect("status code");
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .expect("content-length")
+                .trim()
+                .parse()
+                .expect("a length");
+            let start = end + 4;
+            while buf.len() < start + length {
+                let mut chunk = [0u8; 65536];
+                let n = stream.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "connection closed mid-body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = serde_json::from_slice(&buf[start..start + length]).expect("JSON body");
+            buf.drain(..start + length);
+            return (status, body);
+        }
+        let mut chunk = [0u8; 65536];
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_get_their_own_answers_in_order() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start().await;
+    // Half hits, half misses, mixed formats and dimensions, and one error.
+    gw.embed(&json!({"model": SMALL, "input": "pipelined one"}))
+        .await;
+    gw.embed(&json!({"model": SMALL, "input": "pipelined three", "dimensions": 8}))
+        .await;
+    let bodies = [
+        json!({"model": SMALL, "input": "pipelined one"}),
+        json!({"model": SMALL, "input": ["pipelined two"], "encoding_format": "base64"}),
+        json!({"model": SMALL, "input": "pipelined three", "dimensions": 8}),
+        json!({"model": SMALL}),
+        json!({"model": SMALL, "input": "pipelined four", "encoding_format": "base64"}),
+    ];
+    let authority = gw.url.trim_start_matches("http://").to_owned();
+    let mut requests = Vec::new();
+    for body in &bodies {
+        let body = body.to_string();
+        requests.extend_from_slice(
+            format!(
+                "POST /v1/embeddings HTTP/1.1\r\nhost: {authority}\r\n\
+                 authorization: Bearer {KEY}\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut stream = tokio::net::TcpStream::connect(&authority)
+        .await
+        .expect("connect");
+    // All five leave in one write: the gateway reads them from one buffer.
+    stream.write_all(&requests).await.expect("write");
+    let mut buf = Vec::new();
+    for (i, (sent, (input, dims))) in bodies
+        .iter()
+        .zip([
+            ("pipelined one", None),
+            ("pipelined two", None),
+            ("pipelined three", Some(8)),
+            ("", None),
+            ("pipelined four", None),
+        ])
+        .enumerate()
+    {
+        let (status, answer) = read_response(&mut stream, &mut buf).await;
+        if sent.get("input").is_none() {
+            assert_eq!(status, 400, "request {i}: {answer}");
+            assert_eq!(answer["error"]["type"], "invalid_request_error");
+            continue;
+        }
+        assert_eq!(status, 200, "request {i}: {answer}");
+        assert_eq!(
+            vectors(&answer),
+            vec![vendor_vector(SMALL, dims, &text(input))],
+            "request {i} got another input's vector"
+        );
+    }
+}

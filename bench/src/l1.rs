@@ -1,16 +1,17 @@
 //! The in-process L1 cache comparison: after the other scenarios, a second
 //! gateway with the same key prefix and vendor plus `EMBGATE__L1__MAX_BYTES`
-//! repeats the Zipf and 1-input base64 all-hit runs, with the same requests,
-//! against the keys the first gateway stored.
+//! (the shipped default: the gateway as a user runs it) repeats the Zipf
+//! and 1-input base64 all-hit runs (one request per connection, and
+//! pipelined), with the same requests, against the keys the first gateway
+//! stored; the bare-Redis ceiling is measured again next to them.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use crate::load::Plan;
 use crate::workload::{Format, Pool};
 use crate::{
-    Args, Context, Expect, GatewayProcess, Measured, Pools, Scenario, post_each, posting,
-    spawn_gateway, sys, wait_healthy,
+    Args, Context, Expect, GatewayProcess, Keys, Measured, Pools, Scenario, mgetting, post_each,
+    posting, spawn_gateway, sys, wait_healthy,
 };
 
 /// The environment variable that sizes the L1.
@@ -35,8 +36,11 @@ pub struct Run {
 
 pub struct Comparison {
     pub max_bytes: u64,
-    /// By the id of the run repeated (`zipf/base64`, `hit1/base64`).
+    /// By the id of the run repeated (`zipf/base64`, `hit1/base64`,
+    /// `hit1/base64-pipelined`).
     pub runs: BTreeMap<&'static str, Run>,
+    /// The 1-input ceiling, measured again right after the L1 runs.
+    pub hit1_ceiling: Option<Measured>,
     /// RSS of the L1 gateway once healthy, before any request, KiB.
     pub startup_rss: Option<u64>,
     /// Peak RSS (VmHWM) of the L1 gateway over its whole life, KiB.
@@ -51,6 +55,7 @@ pub async fn compare(
     base: &Context,
     setup: &Setup<'_>,
     pools: &Pools,
+    keys: &Keys,
     slot: &mut Option<GatewayProcess>,
 ) -> Result<Comparison, String> {
     let env = [(MAX_BYTES_ENV.to_owned(), args.l1_bytes.to_string())];
@@ -80,6 +85,7 @@ pub async fn compare(
     let mut compared = Comparison {
         max_bytes: args.l1_bytes,
         runs: BTreeMap::new(),
+        hit1_ceiling: None,
         startup_rss: sys::vm_kib(ctx.gateway_pid, "VmRSS"),
         peak_rss: None,
         store_warnings: 0,
@@ -88,11 +94,28 @@ pub async fn compare(
     let mut earlier_peak = None;
     let plan = args.plan(args.concurrency);
     if args.runs(Scenario::Hit1) {
-        let run = repeat(&ctx, "l1/hit1/base64", plan, &pools.one, &mut earlier_peak).await?;
+        let run = repeat(
+            &ctx,
+            "l1/hit1/base64",
+            plan,
+            1,
+            &pools.one,
+            &mut earlier_peak,
+        )
+        .await?;
         compared.runs.insert("hit1/base64", run);
+        let (label, depth) = ("l1/hit1/base64-pipelined", args.depth(plan));
+        let pipelined = Plan {
+            concurrency: plan.concurrency.div_ceil(depth),
+            ..plan
+        };
+        let run = repeat(&ctx, label, pipelined, depth, &pools.one, &mut earlier_peak).await?;
+        compared.runs.insert("hit1/base64-pipelined", run);
+        let op = mgetting(&ctx.redis, pools.one.mgets(keys));
+        compared.hit1_ceiling = Some(ctx.measure("l1/hit1/redis (ceiling)", plan, op).await);
     }
     if let Some((pool, _)) = &pools.zipf {
-        let run = repeat(&ctx, "l1/zipf/base64", plan, pool, &mut earlier_peak).await?;
+        let run = repeat(&ctx, "l1/zipf/base64", plan, 1, pool, &mut earlier_peak).await?;
         compared.runs.insert("zipf/base64", run);
     }
     compared.peak_rss = earlier_peak.max(sys::vm_kib(ctx.gateway_pid, "VmHWM"));
@@ -106,6 +129,7 @@ async fn repeat(
     ctx: &Context,
     label: &str,
     plan: Plan,
+    depth: usize,
     pool: &Pool,
     earlier_peak: &mut Option<u64>,
 ) -> Result<Run, String> {
@@ -124,9 +148,8 @@ async fn repeat(
             bodies.len()
         ));
     }
-    let url: Arc<str> = format!("{}/v1/embeddings", ctx.gateway_url).into();
+    let op = posting(&ctx.gateway_url, plan.concurrency, depth, bodies).await?;
     let before = scrape(ctx).await?;
-    let op = posting(&ctx.http, url, bodies);
     let measured = ctx.measure_peak(label, plan, op, earlier_peak).await;
     let after = scrape(ctx).await?;
     Ok(Run {

@@ -16,6 +16,9 @@ pub struct Reply {
     pub as_expected: Option<bool>,
     /// Payload bytes received.
     pub bytes: u64,
+    /// Requests this operation made (more than 1 when pipelined); each is
+    /// counted, with the operation's latency.
+    pub requests: u64,
 }
 
 /// The measured window of one run.
@@ -120,13 +123,13 @@ where
                     r.last_done = Some(done);
                     match outcome {
                         Ok(reply) => {
-                            r.ok += 1;
+                            r.ok += reply.requests;
                             r.bytes += reply.bytes;
                             if reply.as_expected == Some(false) {
-                                r.unexpected += 1;
+                                r.unexpected += reply.requests;
                             }
                             let us = (done - began).as_micros().max(1) as u64;
-                            r.latency.saturating_record(us);
+                            let _ = r.latency.record_n(us, reply.requests);
                         }
                         Err(e) => {
                             r.errors += 1;

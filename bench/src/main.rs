@@ -10,6 +10,7 @@
 //!
 //! `bench/run.sh` builds everything and runs this with the defaults.
 
+mod http;
 mod l1;
 mod load;
 mod report;
@@ -86,6 +87,11 @@ struct Args {
     /// Connections for the miss-path runs.
     #[arg(long, default_value_t = 1)]
     concurrency_miss: usize,
+    /// Requests pipelined on each connection in the pipelined 1-input run
+    /// (its connections: --concurrency / this, so as many requests are in
+    /// flight as in the other 1-input runs).
+    #[arg(long, default_value_t = 8)]
+    pipeline_depth: usize,
     /// Distinct keys of the Zipf workload.
     #[arg(long, default_value_t = 100_000)]
     zipf_keys: usize,
@@ -127,6 +133,11 @@ impl Args {
     }
 
     /// Whether the L1 comparison runs: it repeats the Zipf and 1-input runs.
+    /// Requests per connection in pipelined runs of `plan`.
+    fn depth(&self, plan: Plan) -> usize {
+        self.pipeline_depth.clamp(1, plan.concurrency.max(1))
+    }
+
     fn compares_l1(&self) -> bool {
         !self.no_l1 && (self.runs(Scenario::Zipf) || self.runs(Scenario::Hit1))
     }
@@ -306,21 +317,58 @@ async fn post(
     while let Some(chunk) = resp.chunk().await.map_err(|e| format!("body: {e}"))? {
         bytes += chunk.len() as u64;
     }
-    Ok(Reply { as_expected, bytes })
+    Ok(Reply {
+        as_expected,
+        bytes,
+        requests: 1,
+    })
 }
 
-/// Cycles through `bodies`, POSTing each to the gateway (all hits expected).
-fn posting(
-    http: &reqwest::Client,
-    url: Arc<str>,
+/// Cycles through `bodies`, POSTing each to the gateway's embeddings
+/// endpoint (all hits expected) over `connections` connections opened now,
+/// `depth` requests pipelined at a time on each.
+async fn posting(
+    gateway_url: &str,
+    connections: usize,
+    depth: usize,
     bodies: Vec<Bytes>,
-) -> impl Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static {
-    let http = http.clone();
-    let bodies = Arc::new(bodies);
-    move |i| {
-        let body = bodies[(i % bodies.len() as u64) as usize].clone();
-        Box::pin(post(http.clone(), Arc::clone(&url), body, Expect::Hit))
-    }
+) -> Result<impl Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static, String> {
+    let authority = gateway_url.trim_start_matches("http://");
+    let authorization = format!("Bearer {API_KEY}");
+    let requests: Vec<Bytes> = bodies
+        .iter()
+        .map(|body| http::request(authority, "/v1/embeddings", &authorization, body))
+        .collect();
+    // Send k carries requests k, k+1, ... k+depth-1 (wrapping), prebuilt.
+    let sends: Arc<Vec<Bytes>> = Arc::new(
+        (0..requests.len())
+            .map(|k| {
+                let mut bytes = Vec::new();
+                for j in 0..depth {
+                    bytes.extend_from_slice(&requests[(k + j) % requests.len()]);
+                }
+                Bytes::from(bytes)
+            })
+            .collect(),
+    );
+    let client = http::Client::connect(authority, connections).await?;
+    Ok(move |i| {
+        let client = client.clone();
+        let sends = Arc::clone(&sends);
+        Box::pin(async move {
+            let send = &sends[(i * depth as u64 % sends.len() as u64) as usize];
+            let answer = client.send(send, depth).await?;
+            if answer.status != 200 {
+                let text = String::from_utf8_lossy(&answer.body_head).into_owned();
+                return Err(format!("HTTP {}: {text}", answer.status));
+            }
+            Ok(Reply {
+                as_expected: Some(answer.hit),
+                bytes: answer.body_len,
+                requests: depth as u64,
+            })
+        }) as BoxFuture<Result<Reply, String>>
+    })
 }
 
 /// Cycles through pre-built MGETs on one multiplexed connection.
@@ -343,6 +391,7 @@ fn mgetting(
             Ok(Reply {
                 as_expected: Some(values.iter().all(Option::is_some)),
                 bytes,
+                requests: 1,
             })
         })
     }
@@ -696,7 +745,7 @@ async fn run_scenarios(
             ("hit1/float", Format::Float),
             ("hit1/base64", Format::Base64),
         ] {
-            let op = posting(&ctx.http, Arc::clone(&gw), pool1.bodies(format));
+            let op = posting(&ctx.gateway_url, plan.concurrency, 1, pool1.bodies(format)).await?;
             // The L1 comparison repeats the base64 run, peak RSS included.
             let measured = match format {
                 Format::Base64 => ctx.measure_peak(id, plan, op, &mut earlier_peak).await,
@@ -704,6 +753,23 @@ async fn run_scenarios(
             };
             results.runs.insert(id, measured);
         }
+        // The same 32 requests in flight, pipelined as the Redis client's are.
+        let depth = args.depth(plan);
+        let pipelined = Plan {
+            concurrency: plan.concurrency.div_ceil(depth),
+            ..plan
+        };
+        let op = posting(
+            &ctx.gateway_url,
+            pipelined.concurrency,
+            depth,
+            pool1.bodies(Format::Base64),
+        )
+        .await?;
+        results.runs.insert(
+            "hit1/base64-pipelined",
+            ctx.measure("hit1/base64-pipelined", pipelined, op).await,
+        );
         let op = mgetting(&ctx.redis, pool1.mgets(keys));
         results.runs.insert(
             "hit1/redis",
@@ -718,7 +784,7 @@ async fn run_scenarios(
             ("hit64/float", Format::Float),
             ("hit64/base64", Format::Base64),
         ] {
-            let op = posting(&ctx.http, Arc::clone(&gw), pool64.bodies(format));
+            let op = posting(&ctx.gateway_url, plan.concurrency, 1, pool64.bodies(format)).await?;
             results.runs.insert(id, ctx.measure(id, plan, op).await);
         }
         let op = mgetting(&ctx.redis, pool64.mgets(keys));
@@ -746,7 +812,8 @@ async fn run_scenarios(
         for (id, plan, format) in runs {
             let measured = match format {
                 Some(f) => {
-                    let op = posting(&ctx.http, Arc::clone(&gw), pool2048.bodies(f));
+                    let op =
+                        posting(&ctx.gateway_url, plan.concurrency, 1, pool2048.bodies(f)).await?;
                     ctx.measure(id, plan, op).await
                 }
                 None => ctx.measure(id, plan, mgetting(&ctx.redis, cmds())).await,
@@ -789,7 +856,13 @@ async fn run_scenarios(
             shape.keys, shape.exponent, shape.inputs, shape.touched
         );
         let plan = args.plan(args.concurrency);
-        let op = posting(&ctx.http, Arc::clone(&gw), pool.bodies(Format::Base64));
+        let op = posting(
+            &ctx.gateway_url,
+            plan.concurrency,
+            1,
+            pool.bodies(Format::Base64),
+        )
+        .await?;
         let measured = ctx
             .measure_peak("zipf/base64", plan, op, &mut earlier_peak)
             .await;
@@ -804,10 +877,22 @@ async fn run_scenarios(
     Ok(results)
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    // One thread, as redis-benchmark and `wrk -t1` use: the gateway and Redis
+    // need the other core, and a second client thread would spend its CPU
+    // on cross-thread wake-ups rather than on sending requests.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("loadgen: tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("loadgen: {e}");
@@ -878,7 +963,8 @@ async fn run(args: Args) -> Result<(), String> {
                     vendor_url: &vendor.base_url(),
                     prefix: &prefix,
                 };
-                let compared = l1::compare(&args, &ctx, &setup, &pools, &mut l1_gateway).await;
+                let compared =
+                    l1::compare(&args, &ctx, &setup, &pools, &keys, &mut l1_gateway).await;
                 if let Err(e) = &compared {
                     eprintln!("L1 comparison failed: {e}");
                 }
@@ -927,6 +1013,7 @@ async fn run(args: Args) -> Result<(), String> {
             concurrency_64: args.concurrency_64,
             concurrency_2048: args.concurrency_2048,
             concurrency_miss: args.concurrency_miss,
+            pipeline_depth: args.pipeline_depth,
             gateway_env: &args.gateway_env,
         },
         results: &results,
