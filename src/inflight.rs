@@ -2,19 +2,18 @@
 //! from the vendor, other requests missing the same key wait for that fetch
 //! instead of paying for it again.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
 use crate::entry::Entry;
-use crate::key::KeyHash;
+use crate::key::{KeyHash, KeyHashMap};
 
 type Slot = watch::Receiver<Option<Entry>>;
 
 #[derive(Default)]
 pub struct Inflight {
-    fetches: Mutex<HashMap<KeyHash, Slot>>,
+    fetches: Mutex<KeyHashMap<Slot>>,
 }
 
 /// The leader's promise to publish an entry for one key.

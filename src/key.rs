@@ -11,6 +11,15 @@ const KEY_CONTEXT: &str = "embgate cache key v1";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyHash(pub [u8; 32]);
 
+/// How in-memory maps hash a [`KeyHash`]. It is already a blake3 digest,
+/// so the std default (SipHash) would spend time mixing it again; foldhash
+/// is several times cheaper, and its per-process seed keeps inputs crafted
+/// to collide from piling into one bucket.
+pub type KeyHashState = foldhash::fast::RandomState;
+
+/// A map keyed by [`KeyHash`].
+pub type KeyHashMap<V> = std::collections::HashMap<KeyHash, V, KeyHashState>;
+
 /// The parts of a request shared by all its inputs.
 pub struct KeyScope<'a> {
     /// Identifies the upstream (its base URL): vendors differ for one model name.

@@ -5,14 +5,14 @@
 use moka::sync::Cache;
 
 use crate::entry::Entry;
-use crate::key::KeyHash;
+use crate::key::{KeyHash, KeyHashState};
 
 /// Per-entry bookkeeping charged on top of the stored bytes.
 const OVERHEAD: u32 = 96;
 
 #[derive(Clone)]
 pub struct L1 {
-    entries: Cache<KeyHash, Entry>,
+    entries: Cache<KeyHash, Entry, KeyHashState>,
 }
 
 impl L1 {
@@ -26,7 +26,7 @@ impl L1 {
                         .unwrap_or(u32::MAX)
                         .saturating_add(OVERHEAD)
                 })
-                .build(),
+                .build_with_hasher(KeyHashState::default()),
         })
     }
 

@@ -1,10 +1,31 @@
 //! Prometheus metrics. Each gateway owns its registry (no globals), so
 //! several gateways in one process (tests) never mix their counts.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+
+/// The counters every embeddings request moves, for one tenant and model.
+pub struct RequestCounters {
+    pub tenant_requests: IntCounter,
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+    pub saved_tokens: IntCounter,
+    pub saved_usd: Counter,
+    pub tenant_saved_tokens: IntCounter,
+    pub tenant_saved_usd: Counter,
+}
+
+/// (tenant, model) pairs whose counters stay resolved. Callers name the
+/// model, so the set is bounded; past it, pairs are resolved per request.
+const RESOLVED_PAIRS: usize = 1024;
+
+/// Resolved counters by tenant, then model (looked up by `&str`).
+type Resolved = HashMap<String, HashMap<String, Arc<RequestCounters>>>;
 
 pub struct Metrics {
     registry: Registry,
@@ -33,6 +54,7 @@ pub struct Metrics {
     pub store_entries: IntGauge,
     pub store_memory_bytes: IntGauge,
     pub l1_hits: prometheus::IntCounter,
+    resolved: RwLock<Resolved>,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -196,8 +218,38 @@ impl Metrics {
                 registry.register(Box::new(c.clone()))?;
                 c
             },
+            resolved: RwLock::new(HashMap::new()),
             registry,
         })
+    }
+
+    /// The counters of `tenant` and `model`, resolved once and kept: each
+    /// `with_label_values` hashes its labels and takes a lock, which a
+    /// cached hit would otherwise pay seven times.
+    pub fn request_counters(&self, tenant: &str, model: &str) -> Arc<RequestCounters> {
+        if let Ok(resolved) = self.resolved.read()
+            && let Some(counters) = resolved.get(tenant).and_then(|m| m.get(model))
+        {
+            return Arc::clone(counters);
+        }
+        let counters = Arc::new(RequestCounters {
+            tenant_requests: self.tenant_requests.with_label_values(&[tenant]),
+            hits: self.cache_lookups.with_label_values(&[model, "hit"]),
+            misses: self.cache_lookups.with_label_values(&[model, "miss"]),
+            saved_tokens: self.cache_saved_tokens.with_label_values(&[model]),
+            saved_usd: self.cache_saved_usd.with_label_values(&[model]),
+            tenant_saved_tokens: self.tenant_saved_tokens.with_label_values(&[tenant, model]),
+            tenant_saved_usd: self.tenant_saved_usd.with_label_values(&[tenant, model]),
+        });
+        if let Ok(mut resolved) = self.resolved.write()
+            && resolved.values().map(HashMap::len).sum::<usize>() < RESOLVED_PAIRS
+        {
+            resolved
+                .entry(tenant.to_owned())
+                .or_default()
+                .insert(model.to_owned(), Arc::clone(&counters));
+        }
+        counters
     }
 
     /// The Prometheus text exposition of every metric.
@@ -205,5 +257,46 @@ impl Metrics {
         let mut out = Vec::with_capacity(8 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolved_counters_are_the_labelled_series() {
+        let metrics = Metrics::new().expect("metrics");
+        metrics.request_counters("t", "m").hits.inc_by(2);
+        // Served from the kept set the second time: still the same series.
+        metrics.request_counters("t", "m").hits.inc_by(3);
+        metrics.request_counters("t", "m").tenant_requests.inc();
+        assert_eq!(
+            metrics.cache_lookups.with_label_values(&["m", "hit"]).get(),
+            5
+        );
+        assert_eq!(metrics.tenant_requests.with_label_values(&["t"]).get(), 1);
+        // Past the bound, pairs are resolved per request and still count.
+        for i in 0..RESOLVED_PAIRS + 10 {
+            metrics
+                .request_counters("t", &format!("model-{i}"))
+                .misses
+                .inc();
+        }
+        let last = format!("model-{}", RESOLVED_PAIRS + 9);
+        metrics.request_counters("t", &last).misses.inc();
+        assert_eq!(
+            metrics
+                .cache_lookups
+                .with_label_values(&[&last, "miss"])
+                .get(),
+            2
+        );
+        let kept: usize = metrics
+            .resolved
+            .read()
+            .map(|r| r.values().map(HashMap::len).sum())
+            .unwrap_or(0);
+        assert_eq!(kept, RESOLVED_PAIRS);
     }
 }

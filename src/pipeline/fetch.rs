@@ -1,14 +1,12 @@
 //! Paying for misses: vendor-sized chunks with bounded concurrency, token
 //! counts, storing what came back, and recording the spend.
 
-use std::collections::HashMap;
-
 use futures_util::StreamExt;
 
 use super::{CallContext, Embedder, Fetched, Miss};
 use crate::entry::Entry;
 use crate::inflight::Promise;
-use crate::key::KeyHash;
+use crate::key::KeyHashMap;
 use crate::protocol::{EmbeddingRequest, Input};
 use crate::tokens;
 use crate::upstream::{EmbedCall, UpstreamError};
@@ -104,7 +102,7 @@ impl Embedder {
 
         // Publish after storing, so a request arriving once a promise is gone
         // finds the entry in Redis.
-        let mut promises: HashMap<KeyHash, Promise> = items
+        let mut promises: KeyHashMap<Promise> = items
             .into_iter()
             .filter_map(|(m, p)| p.map(|p| (m.hash, p)))
             .collect();

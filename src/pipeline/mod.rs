@@ -22,10 +22,10 @@ use crate::auth::Caller;
 use crate::config::Settings;
 use crate::entry::Entry;
 use crate::inflight::{self, Claim, Inflight, Promise};
-use crate::key::{KeyHash, KeyScope};
+use crate::key::{KeyHash, KeyHashMap, KeyHashState, KeyScope};
 use crate::l1::L1;
 use crate::ledger::Ledger;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestCounters};
 use crate::protocol::EmbeddingRequest;
 use crate::store::{Store, StoreError};
 use crate::upstream::{CallerAuth, Upstream, UpstreamError, Upstreams};
@@ -198,13 +198,12 @@ impl Embedder {
         req: Arc<EmbeddingRequest>,
         ctx: CallContext,
     ) -> Result<Embedded, EmbedError> {
-        self.metrics
-            .tenant_requests
-            .with_label_values(&[&*ctx.tenant])
-            .inc();
+        let counters = self.metrics.request_counters(&ctx.tenant, &req.model);
+        counters.tenant_requests.inc();
         // Key every input; duplicates share one slot.
         let hasher = KeyScope::of(&ctx.namespace, &req).hasher();
-        let mut slot_of: HashMap<KeyHash, usize> = HashMap::with_capacity(req.inputs.len());
+        let mut slot_of: KeyHashMap<usize> =
+            KeyHashMap::with_capacity_and_hasher(req.inputs.len(), KeyHashState::default());
         let mut hashes: Vec<KeyHash> = Vec::with_capacity(req.inputs.len());
         let mut first_input: Vec<usize> = Vec::with_capacity(req.inputs.len());
         let input_slots: Vec<usize> = req
@@ -233,14 +232,8 @@ impl Embedder {
             })
             .collect();
         let model = req.model.as_str();
-        self.metrics
-            .cache_lookups
-            .with_label_values(&[model, "hit"])
-            .inc_by((hashes.len() - misses.len()) as u64);
-        self.metrics
-            .cache_lookups
-            .with_label_values(&[model, "miss"])
-            .inc_by(misses.len() as u64);
+        counters.hits.inc_by((hashes.len() - misses.len()) as u64);
+        counters.misses.inc_by(misses.len() as u64);
 
         let mut fetched = Fetched::default();
         if !misses.is_empty() {
@@ -271,6 +264,7 @@ impl Embedder {
         }
         let prompt_tokens: u64 = entries.iter().map(|e| u64::from(e.tokens())).sum();
         self.record_saved(
+            &counters,
             &ctx.tenant,
             model,
             prompt_tokens.saturating_sub(sent_tokens),
@@ -458,28 +452,16 @@ impl Embedder {
 
     /// Tokens a request did not pay for: what it would have been billed
     /// minus what it sent upstream.
-    fn record_saved(&self, tenant: &str, model: &str, saved: u64) {
+    fn record_saved(&self, counters: &RequestCounters, tenant: &str, model: &str, saved: u64) {
         if saved == 0 {
             return;
         }
-        let usd = saved as f64 * self.price(model) / 1e6;
-        self.metrics
-            .cache_saved_tokens
-            .with_label_values(&[model])
-            .inc_by(saved);
-        self.metrics
-            .cache_saved_usd
-            .with_label_values(&[model])
-            .inc_by(usd);
-        self.metrics
-            .tenant_saved_tokens
-            .with_label_values(&[tenant, model])
-            .inc_by(saved);
-        self.metrics
-            .tenant_saved_usd
-            .with_label_values(&[tenant, model])
-            .inc_by(usd);
-        self.ledger
-            .record(tenant, model, saved, 0, self.price(model));
+        let price = self.price(model);
+        let usd = saved as f64 * price / 1e6;
+        counters.saved_tokens.inc_by(saved);
+        counters.saved_usd.inc_by(usd);
+        counters.tenant_saved_tokens.inc_by(saved);
+        counters.tenant_saved_usd.inc_by(usd);
+        self.ledger.record(tenant, model, saved, 0, price);
     }
 }
