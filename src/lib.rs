@@ -2,7 +2,8 @@
 //! the same input is paid for once.
 //!
 //! A request flows `routes` -> `protocol` (parse) -> `pipeline` (`key`,
-//! `store`, `inflight`, `upstream`, `entry`) -> `protocol` (write).
+//! `l1`, `store`, `inflight`, `upstream`, `entry`) -> `body` (rendered by
+//! `protocol`).
 
 pub mod auth;
 pub mod body;
