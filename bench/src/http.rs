@@ -157,7 +157,7 @@ async fn read_answer(conn: &mut Connection) -> Result<Answer, String> {
                 .ok_or("bad chunk size")?;
             conn.buf.advance(line_end + 2);
             body.take_exactly(conn, size).await?;
-            body.skip_exactly(conn, 2).await?;
+            skip_exactly(conn, 2).await?;
             if size == 0 {
                 break;
             }
@@ -200,15 +200,15 @@ impl Body {
         }
         Ok(())
     }
+}
 
-    /// Consumes `n` framing bytes.
-    async fn skip_exactly(&mut self, conn: &mut Connection, n: usize) -> Result<(), String> {
-        while conn.buf.len() < n {
-            fill(conn).await?;
-        }
-        conn.buf.advance(n);
-        Ok(())
+/// Consumes `n` framing bytes.
+async fn skip_exactly(conn: &mut Connection, n: usize) -> Result<(), String> {
+    while conn.buf.len() < n {
+        fill(conn).await?;
     }
+    conn.buf.advance(n);
+    Ok(())
 }
 
 /// Reads more of the answer into the connection's buffer.
