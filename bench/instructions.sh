@@ -13,6 +13,8 @@
 # instructions per request and the functions that take most of them.
 # Defaults: N=2000, base64, L1 on at 128 MiB (0 sends every lookup to Redis).
 # Needs valgrind (Debian package `valgrind`) and python3; takes about a minute.
+# Set EMBGATE_CALLGRIND_KEEP=DIR to keep both callgrind files there, for
+# callgrind_annotate --tree=caller and the like.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -29,6 +31,10 @@ vendor_pid=""
 cleanup() {
     [ -n "$vendor_pid" ] && kill "$vendor_pid" 2>/dev/null || true
     redis-cli --scan --pattern "$prefix:*" | xargs -r redis-cli del >/dev/null 2>&1 || true
+    if [ -n "${EMBGATE_CALLGRIND_KEEP:-}" ]; then
+        mkdir -p "$EMBGATE_CALLGRIND_KEEP"
+        cp "$work"/callgrind.* "$EMBGATE_CALLGRIND_KEEP"/ 2>/dev/null || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT

@@ -23,6 +23,7 @@ pub mod passthrough;
 pub mod pipeline;
 pub mod protocol;
 pub mod routes;
+pub mod server;
 pub mod signal;
 pub mod stats;
 pub mod store;
@@ -121,7 +122,7 @@ impl Gateway {
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    ) {
         let stop = CancellationToken::new();
         let housekeeping = tokio::spawn(housekeeping::run(
             Arc::clone(&self.ledger),
@@ -138,14 +139,11 @@ impl Gateway {
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
         });
-        let served = axum::serve(listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        server::serve(listener, self.router, shutdown).await;
         // In-flight fetches finish and store before the ledger's last flush.
         self.embedder.drain().await;
         stop.cancel();
         let _ = housekeeping.await;
-        served
     }
 }
 
@@ -175,11 +173,6 @@ pub async fn run(
         auth = ?settings.auth_mode(),
         "embgate serving"
     );
-    gateway
-        .serve(listener, shutdown)
-        .await
-        .map_err(|source| StartupError::Listen {
-            addr: settings.listen.clone(),
-            source,
-        })
+    gateway.serve(listener, shutdown).await;
+    Ok(())
 }

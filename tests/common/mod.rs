@@ -71,7 +71,7 @@ impl TestGateway {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = oneshot::channel::<()>();
         let served = tokio::spawn(async move {
-            let _ = gateway
+            gateway
                 .serve(listener, async {
                     let _ = rx.await;
                 })
