@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMode, Settings};
@@ -73,6 +73,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Azure's key header.
+pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
 /// The key a request presents: `Authorization: Bearer K` or `api-key: K`.
 pub fn presented_key(headers: &HeaderMap) -> Option<ApiKey> {
     let bearer = headers
@@ -82,7 +85,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<ApiKey> {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         });
-    let azure = || headers.get("api-key").and_then(|v| v.to_str().ok());
+    let azure = || headers.get(API_KEY).and_then(|v| v.to_str().ok());
     bearer
         .or_else(azure)
         .map(str::trim)

@@ -2,10 +2,17 @@
 //! vector. The encoding is versioned and length-prefixed, so two different
 //! requests can never encode to the same bytes.
 
+use std::sync::LazyLock;
+
 use crate::protocol::{EmbeddingRequest, Input};
 
 /// Bumped whenever the encoding below changes; old keys then simply miss.
 const KEY_CONTEXT: &str = "embgate cache key v1";
+
+/// The hasher keyed by [`KEY_CONTEXT`]: deriving it costs two compressions,
+/// copying it costs none.
+static KEYED: LazyLock<blake3::Hasher> =
+    LazyLock::new(|| blake3::Hasher::new_derive_key(KEY_CONTEXT));
 
 /// The 32-byte content hash of one (upstream, model, parameters, input).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,7 +48,7 @@ impl<'a> KeyScope<'a> {
 
     /// A hasher with the shared parts already absorbed; cloned per input.
     pub fn hasher(&self) -> ScopedHasher {
-        let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        let mut h = KEYED.clone();
         field(&mut h, self.namespace.as_bytes());
         field(&mut h, self.model.as_bytes());
         match self.dimensions {
@@ -143,6 +150,19 @@ mod tests {
         let a = scope("ab", None).hasher().key(&Input::Text("c".into()));
         let b = scope("a", None).hasher().key(&Input::Text("bc".into()));
         assert_ne!(a, b);
+    }
+
+    /// Keys already in Redis stay reachable only while this holds: a change
+    /// here means a new `KEY_CONTEXT` (and every stored entry misses).
+    #[test]
+    fn derivation_is_stable() {
+        let key = scope("text-embedding-3-small", Some(256))
+            .hasher()
+            .key(&Input::Text("hello".into()));
+        assert_eq!(
+            key.redis_key("p"),
+            "p:v1:27b9de639408f183c42bf7bd825a1ce1b9ff71ad20c914a735a9a21133b4b9e7"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,10 @@ use crate::metrics::Metrics;
 use crate::passthrough;
 use crate::pipeline::{CallContext, Embedder};
 use crate::protocol::{self, EmbeddingResponse, Limits};
+
+// Built once: a header inserted by `&str` is parsed on every call.
+const X_EMBGATE_CACHE: HeaderName = HeaderName::from_static("x-embgate-cache");
+const X_EMBGATE_UPSTREAM_TOKENS: HeaderName = HeaderName::from_static("x-embgate-upstream-tokens");
 
 #[derive(Clone)]
 pub struct AppState {
@@ -114,9 +118,9 @@ async fn embeddings(
     )
         .into_response();
     let h = response.headers_mut();
-    h.insert("x-embgate-cache", HeaderValue::from_static(cache.as_str()));
+    h.insert(X_EMBGATE_CACHE, HeaderValue::from_static(cache.as_str()));
     h.insert(
-        "x-embgate-upstream-tokens",
+        X_EMBGATE_UPSTREAM_TOKENS,
         HeaderValue::from(upstream_tokens),
     );
     Ok(response)

@@ -63,6 +63,10 @@ impl UpstreamError {
     }
 }
 
+// Built once: a header looked up by `&str` is parsed on every call.
+const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
+
 /// What a caller contributes to an upstream call.
 #[derive(Debug, Clone, Default)]
 pub struct CallerAuth {
@@ -77,8 +81,8 @@ impl CallerAuth {
     pub fn new(key: Option<ApiKey>, h: &HeaderMap) -> Self {
         CallerAuth {
             key,
-            organization: h.get("openai-organization").cloned(),
-            project: h.get("openai-project").cloned(),
+            organization: h.get(OPENAI_ORGANIZATION).cloned(),
+            project: h.get(OPENAI_PROJECT).cloned(),
         }
     }
 }
@@ -283,7 +287,7 @@ impl Upstream {
     pub fn credential_for(&self, key: &ApiKey) -> Option<(HeaderName, HeaderValue)> {
         match self.flavour {
             Flavour::Openai => Some((header::AUTHORIZATION, key.bearer()?)),
-            Flavour::Azure => Some((HeaderName::from_static("api-key"), key.header_value()?)),
+            Flavour::Azure => Some((crate::auth::API_KEY, key.header_value()?)),
         }
     }
 
@@ -328,10 +332,10 @@ impl Upstream {
             req = req.header(name, value);
         }
         if let Some(org) = &call.auth.organization {
-            req = req.header("openai-organization", org.clone());
+            req = req.header(OPENAI_ORGANIZATION, org.clone());
         }
         if let Some(project) = &call.auth.project {
-            req = req.header("openai-project", project.clone());
+            req = req.header(OPENAI_PROJECT, project.clone());
         }
 
         let started = Instant::now();

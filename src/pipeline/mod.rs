@@ -3,7 +3,6 @@
 //! chunked to the vendor's limits), store what the vendor returned, and
 //! hand back one entry per input in the caller's order.
 
-use std::collections::HashMap;
 use std::collections::hash_map;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,7 +107,8 @@ pub struct Embedder {
     metrics: Arc<Metrics>,
     ledger: Arc<Ledger>,
     l1: Option<L1>,
-    prices: HashMap<String, f64>,
+    /// Looked up on every request that saved tokens.
+    prices: foldhash::HashMap<String, f64>,
     key_prefix: String,
     batch: BatchLimits,
     inflight: Arc<Inflight>,
@@ -158,7 +158,7 @@ impl Embedder {
             metrics,
             ledger,
             l1: L1::new(settings.l1.max_bytes),
-            prices: settings.prices.clone(),
+            prices: settings.prices.clone().into_iter().collect(),
             key_prefix: settings.store.key_prefix.clone(),
             batch: BatchLimits {
                 max_inputs: settings.upstream.max_inputs_per_call,
