@@ -13,6 +13,8 @@
 # instructions per request and the functions that take most of them.
 # Defaults: N=2000, base64, L1 on at 128 MiB (0 sends every lookup to Redis).
 # Needs valgrind (Debian package `valgrind`) and python3; takes about a minute.
+# callgrind counts each byte a `rep movsb` copies as one instruction, so
+# large memcpy calls weigh far more here than in time.
 # Set EMBGATE_CALLGRIND_KEEP=DIR to keep both callgrind files there, for
 # callgrind_annotate --tree=caller and the like.
 set -euo pipefail

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use embgate::protocol::Input;
 use fake_vendor::{Fault, InputItem};
@@ -505,6 +507,31 @@ async fn large_responses_are_streamed_and_stay_exact() {
     }
 }
 
+/// Opens a connection to the gateway and sends `bodies` to
+/// `/v1/embeddings` in one write, pipelined.
+async fn send_pipelined(gw: &TestGateway, bodies: &[Value]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let authority = gw.url.trim_start_matches("http://");
+    let mut requests = Vec::new();
+    for body in bodies {
+        let body = body.to_string();
+        requests.extend_from_slice(
+            format!(
+                "POST /v1/embeddings HTTP/1.1\r\nhost: {authority}\r\n\
+                 authorization: Bearer {KEY}\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .expect("connect");
+    stream.write_all(&requests).await.expect("write");
+    stream
+}
+
 /// Reads one HTTP/1.1 response with a Content-Length body off `stream`,
 /// keeping any bytes past it in `buf` for the next one.
 async fn read_response(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16, Value) {
@@ -540,7 +567,6 @@ async fn read_response(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) ->
 
 #[tokio::test]
 async fn pipelined_requests_get_their_own_answers_in_order() {
-    use tokio::io::AsyncWriteExt;
     let gw = TestGateway::start().await;
     // Half hits, half misses, mixed formats and dimensions, and one error.
     gw.embed(&json!({"model": SMALL, "input": "pipelined one"}))
@@ -554,25 +580,8 @@ async fn pipelined_requests_get_their_own_answers_in_order() {
         json!({"model": SMALL}),
         json!({"model": SMALL, "input": "pipelined four", "encoding_format": "base64"}),
     ];
-    let authority = gw.url.trim_start_matches("http://").to_owned();
-    let mut requests = Vec::new();
-    for body in &bodies {
-        let body = body.to_string();
-        requests.extend_from_slice(
-            format!(
-                "POST /v1/embeddings HTTP/1.1\r\nhost: {authority}\r\n\
-                 authorization: Bearer {KEY}\r\ncontent-type: application/json\r\n\
-                 content-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        );
-    }
-    let mut stream = tokio::net::TcpStream::connect(&authority)
-        .await
-        .expect("connect");
     // All five leave in one write: the gateway reads them from one buffer.
-    stream.write_all(&requests).await.expect("write");
+    let mut stream = send_pipelined(&gw, &bodies).await;
     let mut buf = Vec::new();
     for (i, (sent, (input, dims))) in bodies
         .iter()
@@ -598,4 +607,37 @@ async fn pipelined_requests_get_their_own_answers_in_order() {
             "request {i} got another input's vector"
         );
     }
+}
+
+/// Answers to pipelined requests may leave together, but one that is ready
+/// never waits for a slow one behind it.
+#[tokio::test]
+async fn a_ready_pipelined_answer_does_not_wait_for_the_next() {
+    let gw = TestGateway::start().await;
+    gw.embed(&json!({"model": SMALL, "input": "ready at once"}))
+        .await;
+    // The next request is a miss, and the vendor takes long to answer it.
+    gw.vendor.push_fault(Fault::Delay(Duration::from_secs(5)));
+    let bodies = [
+        json!({"model": SMALL, "input": "ready at once"}),
+        json!({"model": SMALL, "input": "slow to embed"}),
+    ];
+    let mut stream = send_pipelined(&gw, &bodies).await;
+    let mut buf = Vec::new();
+    // Well under the vendor's delay: only a held answer takes that long.
+    let (status, answer) =
+        tokio::time::timeout(Duration::from_secs(4), read_response(&mut stream, &mut buf))
+            .await
+            .expect("the ready answer waited for the slow one");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        vectors(&answer),
+        vec![vendor_vector(SMALL, None, &text("ready at once"))]
+    );
+    let (status, answer) = read_response(&mut stream, &mut buf).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        vectors(&answer),
+        vec![vendor_vector(SMALL, None, &text("slow to embed"))]
+    );
 }

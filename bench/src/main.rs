@@ -92,6 +92,11 @@ struct Args {
     /// flight as in the other 1-input runs).
     #[arg(long, default_value_t = 8)]
     pipeline_depth: usize,
+    /// Rounds of the 1-input target runs on the L1 gateway (the ceiling and
+    /// both 1-input runs back to back each round); the target is judged on
+    /// the median round.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Distinct keys of the Zipf workload.
     #[arg(long, default_value_t = 100_000)]
     zipf_keys: usize,
