@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::http::StatusCode;
 
 use prometheus::{
     Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
@@ -18,6 +21,28 @@ pub struct RequestCounters {
     pub saved_usd: Counter,
     pub tenant_saved_tokens: IntCounter,
     pub tenant_saved_usd: Counter,
+}
+
+/// The `embgate_http_*` series of one route, resolved once: a request
+/// answered 200 moves them without hashing a label or taking a lock.
+pub struct RouteMetrics {
+    route: &'static str,
+    duration: Histogram,
+    ok: IntCounter,
+    requests: IntCounterVec,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        if status == StatusCode::OK {
+            self.ok.inc();
+        } else {
+            self.requests
+                .with_label_values(&[self.route, status.as_str()])
+                .inc();
+        }
+    }
 }
 
 /// (tenant, model) pairs whose counters stay resolved. Callers name the
@@ -250,6 +275,16 @@ impl Metrics {
                 .insert(model.to_owned(), Arc::clone(&counters));
         }
         counters
+    }
+
+    /// The HTTP series of `route`, for [`RouteMetrics::record`].
+    pub fn route(&self, route: &'static str) -> RouteMetrics {
+        RouteMetrics {
+            route,
+            duration: self.http_duration.with_label_values(&[route]),
+            ok: self.http_requests.with_label_values(&[route, "200"]),
+            requests: self.http_requests.clone(),
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -2,6 +2,8 @@
 //! method, path, query, headers and body, streamed both ways so server-sent
 //! events arrive chunk by chunk.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, header};
@@ -22,7 +24,7 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::HOST,
 ];
 
-pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
+pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let upstream = state.embedder.upstreams().default();
     let path = req.uri().path();
     let Some(rest) = path

@@ -422,6 +422,46 @@ async fn savings_and_spend_counters_move_by_the_right_amounts() {
     assert!(m.contains("embgate_http_request_duration_seconds_bucket{route=\"/v1/embeddings\""));
 }
 
+/// Every answer is counted under its route and status, the passthrough
+/// fallback and errors included, and timed by route.
+#[tokio::test]
+async fn http_metrics_count_each_route_and_status() {
+    let gw = TestGateway::start().await;
+    let get = |path: &str| {
+        gw.http
+            .get(format!("{}{path}", gw.url))
+            .bearer_auth(KEY)
+            .send()
+    };
+    assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
+    assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
+    assert_eq!(get("/v1/models").await.expect("models").status(), 200);
+    assert_eq!(get("/v1/embeddings").await.expect("get").status(), 405);
+    assert_eq!(gw.post(&json!({"model": SMALL})).await.status(), 400);
+    gw.embed(&json!({"model": SMALL, "input": "counted"})).await;
+
+    let m = gw.metrics().await;
+    for (route, status, count) in [
+        ("/healthz", "200", 2.0),
+        ("passthrough", "200", 1.0),
+        ("/v1/embeddings", "405", 1.0),
+        ("/v1/embeddings", "400", 1.0),
+        ("/v1/embeddings", "200", 1.0),
+    ] {
+        let sample =
+            format!("embgate_http_requests_total{{route=\"{route}\",status=\"{status}\"}}");
+        assert_eq!(metric_value(&m, &sample), count, "{sample}");
+    }
+    for (route, count) in [
+        ("/healthz", 2.0),
+        ("passthrough", 1.0),
+        ("/v1/embeddings", 3.0),
+    ] {
+        let sample = format!("embgate_http_request_duration_seconds_count{{route=\"{route}\"}}");
+        assert_eq!(metric_value(&m, &sample), count, "{sample}");
+    }
+}
+
 #[tokio::test]
 async fn other_models_share_the_vendors_billed_usage() {
     let gw = TestGateway::start().await;

@@ -1,15 +1,15 @@
 //! HTTP routes: the cached embeddings endpoint, health, metrics, and
 //! everything else passed through to the vendor.
 
+mod track;
+
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
@@ -22,11 +22,14 @@ use crate::passthrough;
 use crate::pipeline::{CallContext, Embedder};
 use crate::protocol::{self, EmbeddingResponse, Limits};
 
+use self::track::TrackLayer;
+
 // Built once: a header inserted by `&str` is parsed on every call.
 const X_EMBGATE_CACHE: HeaderName = HeaderName::from_static("x-embgate-cache");
 const X_EMBGATE_UPSTREAM_TOKENS: HeaderName = HeaderName::from_static("x-embgate-upstream-tokens");
 
-#[derive(Clone)]
+/// What every handler shares, behind one `Arc` so that handing it to a
+/// request is one reference count, not one per field.
 pub struct AppState {
     pub auth: Arc<Auth>,
     pub embedder: Arc<Embedder>,
@@ -36,6 +39,8 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    let track = TrackLayer::new(&state.metrics);
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route(
             "/v1/embeddings",
@@ -45,40 +50,13 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(passthrough::forward)
-        .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), track))
-        .with_state(state)
-}
-
-/// Counts and times every request by route (`passthrough` for the fallback).
-async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("passthrough", |p| match p.as_str() {
-            "/v1/embeddings" => "/v1/embeddings",
-            "/metrics" => "/metrics",
-            "/healthz" => "/healthz",
-            "/readyz" => "/readyz",
-            _ => "other",
-        });
-    let started = Instant::now();
-    let response = next.run(req).await;
-    state
-        .metrics
-        .http_duration
-        .with_label_values(&[route])
-        .observe(started.elapsed().as_secs_f64());
-    state
-        .metrics
-        .http_requests
-        .with_label_values(&[route, response.status().as_str()])
-        .inc();
-    response
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(track)
+        .with_state(Arc::new(state))
 }
 
 async fn embeddings(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -135,7 +113,7 @@ impl AsRef<[u8]> for Payload {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let text = state
         .metrics
         .render()
@@ -156,7 +134,7 @@ async fn healthz() -> impl IntoResponse {
 
 /// Ready means the store answers. When it does not, the gateway still
 /// serves (from the vendor), so this reports `degraded` with 503.
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match state.embedder.store().ping().await {
         Ok(()) => {
             state.metrics.store_up.set(1);
