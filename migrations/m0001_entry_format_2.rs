@@ -7,8 +7,6 @@
 //! key, so migrated entries get tag 0 ("unknown") and the migration time.
 //! Vectors and token counts are kept bit for bit.
 
-use xxhash_rust::xxh3::Xxh3;
-
 use super::{Migration, Transform};
 use crate::entry::{self, Entry};
 use crate::key::KeyHash;
@@ -74,20 +72,12 @@ fn decode_v1<'a>(key: &KeyHash, value: &'a [u8]) -> Option<(&'a [u8], u32)> {
         return None;
     }
     let stored = u64::from_le_bytes(value[12..20].try_into().ok()?);
-    (stored == checksum_v1(key, &value[..12], payload)).then(|| {
+    (stored == entry::checksum(key, &value[..12], payload)).then(|| {
         (
             payload,
             u32::from_le_bytes([value[8], value[9], value[10], value[11]]),
         )
     })
-}
-
-fn checksum_v1(key: &KeyHash, header: &[u8], payload: &[u8]) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(&key.0);
-    h.update(header);
-    h.update(payload);
-    h.digest()
 }
 
 /// Writes a value in format 1, as the first layout did (for tests of this
@@ -103,7 +93,7 @@ pub fn encode_v1(key: &KeyHash, values: &[f32], tokens: u32) -> Vec<u8> {
     for v in values {
         buf.extend_from_slice(&v.to_le_bytes());
     }
-    let sum = checksum_v1(key, &buf[..12], &buf[V1_HEADER..]);
+    let sum = entry::checksum(key, &buf[..12], &buf[V1_HEADER..]);
     buf[12..20].copy_from_slice(&sum.to_le_bytes());
     buf
 }

@@ -22,8 +22,10 @@
 //! The checksum binds the value to its key: a corrupted value, or a valid
 //! value copied under another key, fails to decode and is treated as a miss.
 
+use std::hash::Hasher;
+
 use bytes::Bytes;
-use xxhash_rust::xxh3::Xxh3;
+use twox_hash::XxHash3_64;
 
 use crate::key::KeyHash;
 
@@ -162,12 +164,15 @@ fn read_u32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn checksum(key: &KeyHash, header: &[u8], payload: &[u8]) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(&key.0);
-    h.update(header);
-    h.update(payload);
-    h.digest()
+/// XXH3-64 (seed 0) of the key, the header's first 24 bytes and the
+/// payload, as one message: stored entries (format 1 too) depend on
+/// exactly this value.
+pub(crate) fn checksum(key: &KeyHash, header: &[u8], payload: &[u8]) -> u64 {
+    let mut h = XxHash3_64::with_seed(0);
+    h.write(&key.0);
+    h.write(header);
+    h.write(payload);
+    h.finish()
 }
 
 #[cfg(test)]
@@ -175,6 +180,25 @@ mod tests {
     use super::*;
 
     const KEY: KeyHash = KeyHash([7; 32]);
+
+    /// Entries already stored were summed by another XXH3 implementation:
+    /// the checksum must stay the same function, whatever the payload size
+    /// (short inputs, stripe and block boundaries, a 1536-dimension vector).
+    #[test]
+    fn checksum_is_xxh3_64_of_key_header_and_payload() {
+        let header: Vec<u8> = (0..CHECKED as u8).collect();
+        for len in [0usize, 1, 3, 64, 200, 240, 1023, 1024, 1025, 6144, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let whole = [&KEY.0[..], &header, &payload].concat();
+            assert_eq!(
+                checksum(&KEY, &header, &payload),
+                xxhash_rust::xxh3::xxh3_64(&whole),
+                "payload of {len} bytes"
+            );
+        }
+        // The reference value of XXH3-64 for no input at all.
+        assert_eq!(XxHash3_64::oneshot(b""), 0x2D06_8005_38D3_94C2);
+    }
 
     #[test]
     fn round_trips_and_stays_compact() {

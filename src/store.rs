@@ -1,11 +1,15 @@
-//! The Redis store: one MGET per request for lookups, one MSET for writes,
+//! The Redis store: MGETs for lookups (one per request unless it is large),
+//! one MSET for writes,
 //! over a single multiplexed, self-reconnecting connection. Every call is
 //! bounded by a timeout so a slow or dead Redis never holds a request up:
-//! the caller treats an error as "all miss" and carries on (fail open).
+//! the caller treats an error as a miss and carries on (fail open).
 
+use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::Stream;
+use futures_util::stream::FuturesOrdered;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::StoreSettings;
@@ -17,6 +21,10 @@ pub enum StoreError {
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
 }
+
+/// Keys per MGET. A large lookup goes as several MGETs, so the gateway
+/// checks the first entries while Redis is still sending the rest.
+pub const MGET_CHUNK_KEYS: usize = 256;
 
 #[derive(Clone)]
 pub struct Store {
@@ -43,20 +51,29 @@ impl Store {
         })
     }
 
-    /// Values for `keys`, in order; `None` where a key is absent.
-    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>, StoreError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+    /// Values for `keys`, `None` where a key is absent: one MGET per
+    /// [`MGET_CHUNK_KEYS`] keys, all sent at once (pipelined on the one
+    /// connection), each chunk's values yielded with its range of `keys` as
+    /// soon as it and those before it have arrived.
+    pub fn get_chunks(
+        &self,
+        keys: &[String],
+    ) -> impl Stream<Item = (Range<usize>, Result<Vec<Option<Bytes>>, StoreError>)> + use<> {
+        let mut chunks = FuturesOrdered::new();
+        for (i, chunk) in keys.chunks(MGET_CHUNK_KEYS).enumerate() {
+            let start = i * MGET_CHUNK_KEYS;
+            let range = start..start + chunk.len();
+            let mut conn = self.conn.clone();
+            let mut cmd = redis::cmd("MGET");
+            cmd.arg(chunk);
+            // Later chunks wait for the earlier ones to be transferred:
+            // allow 0.1 ms more per key up to the chunk's end.
+            let limit = self.read_timeout + Duration::from_micros(100 * range.end as u64);
+            chunks.push_back(
+                async move { (range, bounded(limit, cmd.query_async(&mut conn)).await) },
+            );
         }
-        let mut conn = self.conn.clone();
-        let cmd = {
-            let mut c = redis::cmd("MGET");
-            c.arg(keys);
-            c
-        };
-        // Large batches take longer to transfer: allow 0.1 ms more per key.
-        let limit = self.read_timeout + Duration::from_micros(100 * keys.len() as u64);
-        bounded(limit, cmd.query_async(&mut conn)).await
+        chunks
     }
 
     /// Stores every pair without expiry (an embedding never changes).

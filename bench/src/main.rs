@@ -379,19 +379,25 @@ async fn posting(
 /// Cycles through pre-built MGETs on one multiplexed connection.
 fn mgetting(
     conn: &redis::aio::MultiplexedConnection,
-    cmds: Vec<redis::Cmd>,
+    cmds: Vec<Vec<redis::Cmd>>,
 ) -> impl Fn(u64) -> BoxFuture<Result<Reply, String>> + Send + Sync + 'static {
     let conn = conn.clone();
     let cmds = Arc::new(cmds);
     move |i| {
-        let mut conn = conn.clone();
+        let conn = conn.clone();
         let cmds = Arc::clone(&cmds);
         Box::pin(async move {
-            let cmd = &cmds[(i % cmds.len() as u64) as usize];
-            let values: Vec<Option<Bytes>> = cmd
-                .query_async(&mut conn)
+            // A request's MGETs leave at once, pipelined, as the gateway's do.
+            let chunks = cmds[(i % cmds.len() as u64) as usize].iter().map(|cmd| {
+                let mut conn = conn.clone();
+                async move { cmd.query_async::<Vec<Option<Bytes>>>(&mut conn).await }
+            });
+            let values: Vec<Option<Bytes>> = futures_util::future::try_join_all(chunks)
                 .await
-                .map_err(|e| format!("redis: {e}"))?;
+                .map_err(|e| format!("redis: {e}"))?
+                .into_iter()
+                .flatten()
+                .collect();
             let bytes = values.iter().flatten().map(|v| v.len() as u64).sum();
             Ok(Reply {
                 as_expected: Some(values.iter().all(Option::is_some)),

@@ -84,20 +84,27 @@ impl Pool {
         self.requests.iter().map(|r| body(r, format)).collect()
     }
 
-    /// One MGET per request over its distinct keys in first-seen order,
-    /// as the gateway issues it.
-    pub fn mgets(&self, keys: &Keys) -> Vec<redis::Cmd> {
+    /// The MGETs of each request over its distinct keys in first-seen
+    /// order, as the gateway issues them.
+    pub fn mgets(&self, keys: &Keys) -> Vec<Vec<redis::Cmd>> {
         self.requests
             .iter()
             .map(|texts| {
                 let mut seen = std::collections::HashSet::new();
-                let mut cmd = redis::cmd("MGET");
-                for t in texts {
-                    if seen.insert(t.as_str()) {
-                        cmd.arg(keys.redis_key(t));
-                    }
-                }
-                cmd
+                let distinct: Vec<String> = texts
+                    .iter()
+                    .filter(|t| seen.insert(t.as_str()))
+                    .map(|t| keys.redis_key(t))
+                    .collect();
+                // Chunked as the gateway's store chunks them.
+                distinct
+                    .chunks(embgate::store::MGET_CHUNK_KEYS)
+                    .map(|chunk| {
+                        let mut cmd = redis::cmd("MGET");
+                        cmd.arg(chunk);
+                        cmd
+                    })
+                    .collect()
             })
             .collect()
     }

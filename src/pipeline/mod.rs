@@ -282,8 +282,8 @@ impl Embedder {
         })
     }
 
-    /// One MGET for every key. A failing store is a miss for all, and an
-    /// entry that does not verify is a miss (and gets overwritten). Repeated
+    /// The L1, then MGETs for the rest (`Store::get_chunks`). The keys of a
+    /// failing MGET are misses, and an entry that does not verify is a miss (and gets overwritten). Repeated
     /// lookups (`again`) do not count the same corrupt entry twice.
     async fn lookup(
         &self,
@@ -316,31 +316,43 @@ impl Embedder {
             .iter()
             .map(|slot| hashes[*slot].redis_key(&self.key_prefix))
             .collect();
-        match self.store.get_many(&keys).await {
-            Ok(values) => {
-                self.metrics.store_up.set(1);
-                for ((i, value), slot) in values.into_iter().enumerate().zip(wanted) {
-                    let Some(bytes) = value else { continue };
-                    let hash = &hashes[slot];
-                    match Entry::decode(hash, bytes, dimensions) {
-                        Ok(entry) => {
-                            if let Some(l1) = &self.l1 {
-                                l1.insert(*hash, entry.clone());
-                            }
-                            found[slot] = Some(entry);
+        let mut chunks = std::pin::pin!(self.store.get_chunks(&keys));
+        let mut failed = None;
+        // Each chunk is checked as it arrives, while later ones are in transfer.
+        while let Some((range, values)) = chunks.next().await {
+            let values = match values {
+                Ok(values) => values,
+                // Its keys stay misses; the other chunks still count.
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            for (i, value) in range.zip(values) {
+                let Some(bytes) = value else { continue };
+                let slot = wanted[i];
+                let hash = &hashes[slot];
+                match Entry::decode(hash, bytes, dimensions) {
+                    Ok(entry) => {
+                        if let Some(l1) = &self.l1 {
+                            l1.insert(*hash, entry.clone());
                         }
-                        Err(_) if again => {}
-                        Err(e) => {
-                            self.metrics
-                                .store_errors
-                                .with_label_values(&["decode"])
-                                .inc();
-                            tracing::warn!(key = %keys[i], error = %e, "discarding undecodable entry");
-                        }
+                        found[slot] = Some(entry);
+                    }
+                    Err(_) if again => {}
+                    Err(e) => {
+                        self.metrics
+                            .store_errors
+                            .with_label_values(&["decode"])
+                            .inc();
+                        tracing::warn!(key = %keys[i], error = %e, "discarding undecodable entry");
                     }
                 }
             }
-            Err(e) => self.store_failed("get", &e),
+        }
+        match failed {
+            Some(e) => self.store_failed("get", &e),
+            None => self.metrics.store_up.set(1),
         }
         found
     }
