@@ -1,6 +1,6 @@
 //! The Redis store: MGETs for lookups (one per request unless it is large),
-//! one MSET for writes,
-//! over a single multiplexed, self-reconnecting connection. Every call is
+//! one MSET for writes, over a single multiplexed, self-reconnecting
+//! connection. Every call is
 //! bounded by a timeout so a slow or dead Redis never holds a request up:
 //! the caller treats an error as a miss and carries on (fail open).
 
@@ -8,8 +8,9 @@ use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::Stream;
-use futures_util::stream::FuturesOrdered;
+use futures_util::future::Either;
+use futures_util::stream::{self, FuturesOrdered};
+use futures_util::{Stream, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::StoreSettings;
@@ -59,21 +60,32 @@ impl Store {
         &self,
         keys: &[String],
     ) -> impl Stream<Item = (Range<usize>, Result<Vec<Option<Bytes>>, StoreError>)> + use<> {
-        let mut chunks = FuturesOrdered::new();
-        for (i, chunk) in keys.chunks(MGET_CHUNK_KEYS).enumerate() {
-            let start = i * MGET_CHUNK_KEYS;
-            let range = start..start + chunk.len();
-            let mut conn = self.conn.clone();
-            let mut cmd = redis::cmd("MGET");
-            cmd.arg(chunk);
-            // Later chunks wait for the earlier ones to be transferred:
-            // allow 0.1 ms more per key up to the chunk's end.
-            let limit = self.read_timeout + Duration::from_micros(100 * range.end as u64);
-            chunks.push_back(
-                async move { (range, bounded(limit, cmd.query_async(&mut conn)).await) },
-            );
+        let mut chunks = keys
+            .chunks(MGET_CHUNK_KEYS)
+            .enumerate()
+            .map(|(i, chunk)| self.mget(i * MGET_CHUNK_KEYS, chunk));
+        if keys.len() <= MGET_CHUNK_KEYS {
+            // The common case, without FuturesOrdered's allocations.
+            Either::Left(stream::iter(chunks.next()).then(|mget| mget))
+        } else {
+            Either::Right(chunks.collect::<FuturesOrdered<_>>())
         }
-        chunks
+    }
+
+    /// One MGET of `chunk`, the keys from `start` on.
+    fn mget(
+        &self,
+        start: usize,
+        chunk: &[String],
+    ) -> impl Future<Output = (Range<usize>, Result<Vec<Option<Bytes>>, StoreError>)> + use<> {
+        let range = start..start + chunk.len();
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(chunk);
+        // Later chunks wait for the earlier ones to be transferred: allow
+        // 0.1 ms more per key up to the chunk's end.
+        let limit = self.read_timeout + Duration::from_micros(100 * range.end as u64);
+        async move { (range, bounded(limit, cmd.query_async(&mut conn)).await) }
     }
 
     /// Stores every pair without expiry (an embedding never changes).

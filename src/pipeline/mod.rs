@@ -283,8 +283,9 @@ impl Embedder {
     }
 
     /// The L1, then MGETs for the rest (`Store::get_chunks`). The keys of a
-    /// failing MGET are misses, and an entry that does not verify is a miss (and gets overwritten). Repeated
-    /// lookups (`again`) do not count the same corrupt entry twice.
+    /// failing MGET are misses, and an entry that does not verify is a miss
+    /// (and gets overwritten). Repeated lookups (`again`) do not count the
+    /// same corrupt entry twice.
     async fn lookup(
         &self,
         hashes: &[KeyHash],
