@@ -22,6 +22,7 @@ pub struct Reply {
 }
 
 /// The measured window of one run.
+#[derive(Clone)]
 pub struct Stats {
     pub concurrency: usize,
     /// Successful operations that started inside the window.

@@ -92,9 +92,10 @@ struct Args {
     /// flight as in the other 1-input runs).
     #[arg(long, default_value_t = 8)]
     pipeline_depth: usize,
-    /// Rounds of the 1-input target runs on the L1 gateway (the ceiling and
-    /// both 1-input runs back to back each round); the target is judged on
-    /// the median round.
+    /// Rounds of the target runs: the 1-input ones on the L1 gateway (the
+    /// ceiling and both 1-input runs back to back) and the 2048-input
+    /// latency ones (float, base64 and the ceiling back to back); each
+    /// target is judged on the median round.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Distinct keys of the Zipf workload.
@@ -164,6 +165,7 @@ pub struct Cpu {
     pub loadgen: Option<sys::CpuTime>,
 }
 
+#[derive(Clone)]
 pub struct Measured {
     pub stats: Stats,
     pub cpu: Cpu,
@@ -196,6 +198,17 @@ pub struct Results {
     pub deleted_keys: Option<u64>,
     /// The L1 comparison, unless skipped; `Err` if it failed.
     pub l1: Option<Result<l1::Comparison, String>>,
+    /// The 2048-input latency targets' rounds (`--rounds`).
+    pub hit2048_rounds: Vec<LatencyRound>,
+}
+
+/// One round of the 2048-input latency targets: float, base64 and the
+/// ceiling back to back, one connection each, so a change in the machine's
+/// load between rounds falls on all three.
+pub struct LatencyRound {
+    pub float: Measured,
+    pub base64: Measured,
+    pub ceiling: Measured,
 }
 
 struct Context {
@@ -721,6 +734,7 @@ async fn run_scenarios(
         store_warnings: 0,
         deleted_keys: None,
         l1: None,
+        hit2048_rounds: Vec::new(),
     };
     let (pool1, pool64, pool2048) = (&pools.one, &pools.sixtyfour, &pools.large);
     // The peak RSS that per-run resets (`measure_peak`) cleared.
@@ -811,23 +825,44 @@ async fn run_scenarios(
         results.memory.reset_worked = sys::reset_peak_rss(ctx.gateway_pid);
         let cmds = || pool2048.mgets(keys);
         let latency = args.plan(1);
+        for round in 1..=args.rounds {
+            let label = |what: &str| format!("hit2048 round {round}/{}: {what}", args.rounds);
+            let mut posted = Vec::with_capacity(2);
+            for f in [Format::Float, Format::Base64] {
+                let op = posting(&ctx.gateway_url, 1, 1, pool2048.bodies(f)).await?;
+                posted.push(ctx.measure(&label(f.name()), latency, op).await);
+            }
+            let op = mgetting(&ctx.redis, cmds());
+            let ceiling = ctx.measure(&label("redis (ceiling)"), latency, op).await;
+            let mut posted = posted.into_iter();
+            let (Some(float), Some(base64)) = (posted.next(), posted.next()) else {
+                return Err("2048-input round: a format was not measured".into());
+            };
+            if round == 1 {
+                results.runs.insert("hit2048/float", float.clone());
+                results.runs.insert("hit2048/base64", base64.clone());
+                results.runs.insert("hit2048/redis", ceiling.clone());
+            }
+            results.hit2048_rounds.push(LatencyRound {
+                float,
+                base64,
+                ceiling,
+            });
+        }
         let loaded = args.plan(args.concurrency_2048);
-        let runs: [(&'static str, Plan, Option<Format>); 6] = [
-            ("hit2048/float", latency, Some(Format::Float)),
-            ("hit2048/base64", latency, Some(Format::Base64)),
-            ("hit2048/redis", latency, None),
-            ("hit2048-load/float", loaded, Some(Format::Float)),
-            ("hit2048-load/base64", loaded, Some(Format::Base64)),
-            ("hit2048-load/redis", loaded, None),
+        let runs: [(&'static str, Option<Format>); 3] = [
+            ("hit2048-load/float", Some(Format::Float)),
+            ("hit2048-load/base64", Some(Format::Base64)),
+            ("hit2048-load/redis", None),
         ];
-        for (id, plan, format) in runs {
+        for (id, format) in runs {
             let measured = match format {
                 Some(f) => {
-                    let op =
-                        posting(&ctx.gateway_url, plan.concurrency, 1, pool2048.bodies(f)).await?;
-                    ctx.measure(id, plan, op).await
+                    let op = posting(&ctx.gateway_url, loaded.concurrency, 1, pool2048.bodies(f))
+                        .await?;
+                    ctx.measure(id, loaded, op).await
                 }
-                None => ctx.measure(id, plan, mgetting(&ctx.redis, cmds())).await,
+                None => ctx.measure(id, loaded, mgetting(&ctx.redis, cmds())).await,
             };
             results.runs.insert(id, measured);
         }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use crate::l1::{self, Comparison, Round};
 use crate::sys::{CpuTime, Machine};
 use crate::workload::{DIMS, ENTRY_BYTES, ZipfShape};
-use crate::{Measured, Results};
+use crate::{LatencyRound, Measured, Results};
 
 pub struct Settings<'a> {
     pub duration: f64,
@@ -202,30 +202,43 @@ pub fn render(input: &Input) -> String {
             )
         );
     }
-    if let (Some(gw), Some(redis)) = (run("hit2048/base64"), run("hit2048/redis")) {
+    let latency = &r.hit2048_rounds[..];
+    let involved = |pick: fn(&LatencyRound) -> [&Measured; 2]| -> Vec<&Measured> {
+        latency.iter().flat_map(pick).collect()
+    };
+    if let Some((q, median, each)) = median(latency, |r| p50_ratio(&r.base64, &r.ceiling)) {
         any_target = true;
-        let q = gw.stats.p50() / redis.stats.p50();
         let _ = writeln!(
             md,
             "| 2048×{DIMS} all-hit base64 response within {TARGET_2048_BASE64_VS_REDIS}× the time \
-             Redis takes to deliver those bytes (p50, 1 connection) | {} ms vs {} ms = {}× | {} |",
-            ms(gw.stats.p50()),
-            ms(redis.stats.p50()),
+             Redis takes to deliver those bytes (p50, 1 connection; median of {} rounds) | {} ms \
+             vs {} ms = {}× (rounds in order: {}) | {} |",
+            latency.len(),
+            ms(median.base64.stats.p50()),
+            ms(median.ceiling.stats.p50()),
             ratio(q),
-            verdict(q <= TARGET_2048_BASE64_VS_REDIS, &[gw, redis])
+            times(&each),
+            verdict(
+                q <= TARGET_2048_BASE64_VS_REDIS,
+                &involved(|r| [&r.base64, &r.ceiling])
+            )
         );
     }
-    if let (Some(float), Some(b64)) = (run("hit2048/float"), run("hit2048/base64")) {
+    if let Some((q, median, each)) = median(latency, |r| p50_ratio(&r.float, &r.base64)) {
         any_target = true;
-        let q = float.stats.p50() / b64.stats.p50();
         let _ = writeln!(
             md,
             "| 2048×{DIMS} float JSON no worse than {TARGET_FLOAT_VS_BASE64}× base64 (p50, 1 \
-             connection) | {} ms vs {} ms = {}× | {} |",
-            ms(float.stats.p50()),
-            ms(b64.stats.p50()),
+             connection; median of {} rounds) | {} ms vs {} ms = {}× (rounds in order: {}) | {} |",
+            latency.len(),
+            ms(median.float.stats.p50()),
+            ms(median.base64.stats.p50()),
             ratio(q),
-            verdict(q <= TARGET_FLOAT_VS_BASE64, &[float, b64])
+            times(&each),
+            verdict(
+                q <= TARGET_FLOAT_VS_BASE64,
+                &involved(|r| [&r.float, &r.base64])
+            )
         );
     }
     if !any_target {
@@ -334,6 +347,7 @@ pub fn render(input: &Input) -> String {
             md.push_str("\n\n");
         }
     }
+    render_latency_rounds(&mut md, &r.hit2048_rounds);
 
     // Miss path.
     if run("miss1/gateway").is_some() {
@@ -529,12 +543,22 @@ pub fn render(input: &Input) -> String {
     md
 }
 
+/// The median round by `ratio` (the lower middle one for an even count),
+/// its ratio, and every round's ratio in order.
+fn median<T>(rounds: &[T], ratio: impl Fn(&T) -> f64) -> Option<(f64, &T, Vec<f64>)> {
+    let each: Vec<f64> = rounds.iter().map(&ratio).collect();
+    let mut sorted: Vec<(f64, &T)> = each.iter().copied().zip(rounds).collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (q, median) = *sorted.get(sorted.len().checked_sub(1)? / 2)?;
+    Some((q, median, each))
+}
+
 /// How the pipelined 1-input runs send: the target's configuration.
 const PIPELINED_LIKE_THE_CEILING: &str =
     "4 connections × 8 pipelined requests, as the ceiling's client pipelines 32 MGETs";
 
-/// The median of the L1 gateway's 1-input rounds for one way of sending
-/// (the lower middle one for an even count), and every round's ratio.
+/// The median of the L1 gateway's 1-input rounds for one way of sending,
+/// and every round's ratio.
 struct MedianRound<'a> {
     ratio: f64,
     gateway: &'a Measured,
@@ -546,22 +570,16 @@ struct MedianRound<'a> {
 
 impl<'a> MedianRound<'a> {
     fn of(rounds: &'a [Round], gateway: fn(&Round) -> &Measured) -> Option<Self> {
-        let mut ratios: Vec<(f64, &Round)> = rounds
-            .iter()
-            .map(|r| (throughput_ratio(gateway(r), &r.ceiling), r))
-            .collect();
-        let each = ratios
-            .iter()
-            .map(|(q, _)| format!("{:.0}%", q * 100.0))
-            .collect::<Vec<_>>()
-            .join(", ");
-        ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (ratio, median) = *ratios.get(ratios.len().checked_sub(1)? / 2)?;
+        let (ratio, median, each) = median(rounds, |r| throughput_ratio(gateway(r), &r.ceiling))?;
         Some(MedianRound {
             ratio,
             gateway: gateway(median),
             ceiling: &median.ceiling,
-            each,
+            each: each
+                .iter()
+                .map(|q| format!("{:.0}%", q * 100.0))
+                .collect::<Vec<_>>()
+                .join(", "),
             involved: rounds
                 .iter()
                 .flat_map(|r| [gateway(r), &r.ceiling])
@@ -642,6 +660,48 @@ fn other_hit1_configurations<'a>(
             md,
             "| {how} | {measured} | {} |",
             per_request_us_split(gw.cpu.gateway, gw)
+        );
+    }
+    md.push('\n');
+}
+
+fn p50_ratio(a: &Measured, b: &Measured) -> f64 {
+    a.stats.p50() / b.stats.p50()
+}
+
+/// Ratios as `1.88×, 1.93×`.
+fn times(ratios: &[f64]) -> String {
+    ratios
+        .iter()
+        .map(|q| format!("{}×", ratio(*q)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The rounds behind the 2048-input targets.
+fn render_latency_rounds(md: &mut String, rounds: &[LatencyRound]) {
+    if rounds.is_empty() {
+        return;
+    }
+    md.push_str(
+        "### 2048-input latency rounds\n\n\
+         The 2048-input targets are judged on these rounds: each measures the gateway's float \
+         and base64 answers, then the ceiling's MGETs, back to back on one connection, so a \
+         change in the machine's load between rounds falls on all three. The table above \
+         shows round 1.\n\n\
+         | Round | Float p50 ms | Base64 p50 ms | Ceiling p50 ms | Base64 / ceiling | Float / \
+         base64 |\n|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for (i, r) in rounds.iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {}× | {}× |",
+            i + 1,
+            ms(r.float.stats.p50()),
+            ms(r.base64.stats.p50()),
+            ms(r.ceiling.stats.p50()),
+            ratio(p50_ratio(&r.base64, &r.ceiling)),
+            ratio(p50_ratio(&r.float, &r.base64))
         );
     }
     md.push('\n');
