@@ -5,12 +5,14 @@
 //! relative to its decade even if the last digit is off by one, while the
 //! nearest other f32 is at least 2^-25 (about 3e-8) away in the same terms.
 //! Shortest-form formatters (zmij, ryu) search for the fewest digits; we
-//! skip that search, and write fixed-size windows into a buffer sized once
-//! per vector, with no branch on the sign; the eight digits after the first
-//! are split in one u64 at once. That measured about 1.6x faster per value
-//! than zmij on the benchmark machine before the u64 split, which took off
-//! another 13% (criterion), at the price of about one more character; a
-//! 2048 x 1536 float response is three million of them.
+//! skip that search and write fixed-size windows into a buffer sized once
+//! per vector, with no branch on the sign. Values are decomposed into
+//! digits a block at a time, then laid out: the decompositions do not
+//! depend on each other, so the CPU overlaps them (26% faster per vector
+//! than one value at a time, in criterion), and the eight digits after the
+//! first are split in one u64 at once. The price is about one character
+//! more than the shortest form; a 2048 x 1536 float response is three
+//! million values.
 //! `tests::every_f32_reads_back` checks all 2^32 bit patterns (ignored by
 //! default: minutes of CPU); the regular tests sweep a spread of them.
 
@@ -38,24 +40,39 @@ static POW10: [f64; 121] = {
     table
 };
 
+/// Values decomposed at a time before any is written: their digits do not
+/// depend on each other, so the CPU works on a whole block at once.
+const BLOCK: usize = 16;
+
 /// Appends `values` as a JSON array of numbers: `[v0,v1,...]`.
-pub fn write_array(out: &mut Vec<u8>, values: impl ExactSizeIterator<Item = f32>) {
+pub fn write_array(out: &mut Vec<u8>, mut values: impl ExactSizeIterator<Item = f32>) {
     let start = out.len();
     // Room for every value and its comma, plus the slack the last window needs.
     out.resize(start + 1 + values.len() * (MAX_VALUE_LEN + 1) + WINDOW, 0);
     let buf = &mut out[start..];
     buf[0] = b'[';
     let mut end = 1;
-    for value in values {
-        let Some(window) = buf
-            .get_mut(end..end + WINDOW)
-            .and_then(|w| <&mut [u8; WINDOW]>::try_from(w).ok())
-        else {
-            break; // the iterator gave more than its len(): keep what fits
-        };
-        let len = write_value(window, value);
-        window[len] = b',';
-        end += len + 1;
+    'blocks: loop {
+        let mut block = [(0u32, Decimal::default()); BLOCK];
+        let mut n = 0;
+        for (slot, value) in block.iter_mut().zip(values.by_ref()) {
+            *slot = (value.to_bits(), Decimal::of(value));
+            n += 1;
+        }
+        for &(bits, decimal) in &block[..n] {
+            let Some(window) = buf
+                .get_mut(end..end + WINDOW)
+                .and_then(|w| <&mut [u8; WINDOW]>::try_from(w).ok())
+            else {
+                break 'blocks; // the iterator gave more than its len(): keep what fits
+            };
+            let len = write_value(window, bits, decimal);
+            window[len] = b',';
+            end += len + 1;
+        }
+        if n < BLOCK {
+            break;
+        }
     }
     // The last comma becomes the closing bracket; an empty array has none.
     if end == 1 {
@@ -65,64 +82,82 @@ pub fn write_array(out: &mut Vec<u8>, values: impl ExactSizeIterator<Item = f32>
     out.truncate(start + end);
 }
 
-/// Writes `value` at the start of `out` and returns its length.
-fn write_value(out: &mut [u8; WINDOW], value: f32) -> usize {
-    let bits = value.to_bits();
+/// A finite, non-zero magnitude as nine significant digits and the
+/// decimal exponent of the first: `digits` in [10^8, 10^9), value
+/// digits * 10^(k-8). Zero and non-finite values have digits 0.
+#[derive(Clone, Copy, Default)]
+struct Decimal {
+    digits: u32,
+    k: i32,
+}
+
+impl Decimal {
+    fn of(value: f32) -> Decimal {
+        let magnitude = value.abs();
+        if !magnitude.is_finite() || magnitude == 0.0 {
+            return Decimal::default();
+        }
+        let a = f64::from(magnitude);
+        // k = floor(log10(a)): estimated from the binary exponent, then corrected.
+        let binary_exponent = ((a.to_bits() >> 52) as i32) - 1023;
+        let mut k = (binary_exponent * 78913) >> 18; // floor(e * log10(2))
+        k += (a >= POW10[(61 + k) as usize]) as i32;
+        // Nine digits: a * 10^(8-k) is in [1e8, 1e9), rounded.
+        let digits = (a * POW10[(68 - k) as usize] + 0.5) as i64 as u32;
+        if digits >= 1_000_000_000 {
+            // Rounded up to the next decade: 9.999999995e(k) is 1.00000000e(k+1).
+            return Decimal {
+                digits: 100_000_000,
+                k: k + 1,
+            };
+        }
+        Decimal { digits, k }
+    }
+}
+
+/// Writes the value of `bits` (decomposed as `decimal`) at the start of
+/// `out` and returns its length.
+fn write_value(out: &mut [u8; WINDOW], bits: u32, decimal: Decimal) -> usize {
     // The sign is always written; a positive value then starts on top of it.
     out[0] = b'-';
     let mut pos = (bits >> 31) as usize;
-    let magnitude = f32::from_bits(bits & 0x7fff_ffff);
-    if !magnitude.is_finite() {
-        // Never stored (vendor answers are checked), and JSON has no NaN.
-        out[..4].copy_from_slice(b"null");
-        return 4;
-    }
-    if magnitude == 0.0 {
+    let Decimal { digits, k } = decimal;
+    if digits == 0 {
+        if !f32::from_bits(bits).is_finite() {
+            // Never stored (vendor answers are checked), and JSON has no NaN.
+            out[..4].copy_from_slice(b"null");
+            return 4;
+        }
         out[pos..pos + 3].copy_from_slice(b"0.0");
         return pos + 3;
     }
-    let a = f64::from(magnitude);
-    // k = floor(log10(a)): estimated from the binary exponent, then corrected.
-    let binary_exponent = ((a.to_bits() >> 52) as i32) - 1023;
-    let mut k = (binary_exponent * 78913) >> 18; // floor(e * log10(2))
-    k += (a >= POW10[(61 + k) as usize]) as i32;
-    // Nine digits: a * 10^(8-k) is in [1e8, 1e9), rounded.
-    let mut digits = (a * POW10[(68 - k) as usize] + 0.5) as i64 as u32;
-    if digits >= 1_000_000_000 {
-        // Rounded up to the next decade: 9.999999995e(k) is 1.00000000e(k+1).
-        k += 1;
-        digits = 100_000_000;
-    }
     let lead = b'0' + (digits / 100_000_000) as u8;
-    let rest = digits % 100_000_000;
-    let rest_digits = eight_digits(rest);
+    let rest_digits = eight_digits(digits % 100_000_000);
     let rest_text = (rest_digits | 0x3030_3030_3030_3030).to_le_bytes();
     // Zero digits are zero bytes; the last digit is the top byte.
     let significant = 9 - (rest_digits.leading_zeros() / 8) as usize;
-    let mut text = [0u8; 9];
-    text[0] = lead;
-    text[1..].copy_from_slice(&rest_text);
 
     match k {
         // 0.000ddddddddd: where embedding values live.
         -5..=-1 => {
-            out[pos..pos + 7].copy_from_slice(b"0.00000");
+            out[pos..pos + 8].copy_from_slice(b"0.000000");
             pos += 1 + (-k) as usize;
-            out[pos..pos + 9].copy_from_slice(&text);
+            out[pos] = lead;
+            out[pos + 1..pos + 9].copy_from_slice(&rest_text);
             pos + significant
         }
         // d.dddddddd
         0 => {
-            out[pos] = text[0];
+            out[pos] = lead;
             out[pos + 1] = b'.';
-            out[pos + 2..pos + 10].copy_from_slice(&text[1..]);
+            out[pos + 2..pos + 10].copy_from_slice(&rest_text);
             pos + 1 + significant.max(2)
         }
         // d.ddddddddeK: out to the f32 range (|K| <= 45), two digits at most.
         _ => {
-            out[pos] = text[0];
+            out[pos] = lead;
             out[pos + 1] = b'.';
-            out[pos + 2..pos + 10].copy_from_slice(&text[1..]);
+            out[pos + 2..pos + 10].copy_from_slice(&rest_text);
             pos += 1 + significant.max(2);
             out[pos] = b'e';
             out[pos + 1] = b'-';
