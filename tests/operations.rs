@@ -418,3 +418,53 @@ async fn keys_never_reach_the_logs() {
         assert!(!metrics.contains(key), "a key leaked into the metrics");
     }
 }
+
+/// A lookup larger than one MGET comes back chunk by chunk, each with the
+/// range of keys it answers, in order, absent keys as `None`.
+#[tokio::test]
+async fn large_lookups_come_back_in_order_chunk_by_chunk() {
+    use embgate::store::MGET_CHUNK_KEYS;
+    use futures_util::StreamExt;
+
+    let gw = TestGateway::start().await;
+    let store = store_for(&gw);
+    let n = 2 * MGET_CHUNK_KEYS + 88;
+    let keys: Vec<String> = (0..n)
+        .map(|i| format!("{}:chunked:{i}", gw.prefix))
+        .collect();
+    // Every third key is never stored.
+    let stored: Vec<(String, bytes::Bytes)> = keys
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(i, k)| (k.clone(), bytes::Bytes::from(format!("value {i}"))))
+        .collect();
+    store.put_many(&stored).await.expect("stored");
+
+    let chunks: Vec<_> = store.get_chunks(&keys).collect().await;
+    let ranges: Vec<_> = chunks.iter().map(|(r, _)| r.clone()).collect();
+    assert_eq!(
+        ranges,
+        vec![
+            0..MGET_CHUNK_KEYS,
+            MGET_CHUNK_KEYS..2 * MGET_CHUNK_KEYS,
+            2 * MGET_CHUNK_KEYS..n
+        ]
+    );
+    let values: Vec<Option<bytes::Bytes>> = chunks
+        .into_iter()
+        .flat_map(|(_, values)| values.expect("chunk answered"))
+        .collect();
+    assert_eq!(values.len(), n);
+    for (i, value) in values.iter().enumerate() {
+        let expected = (i % 3 != 0).then(|| bytes::Bytes::from(format!("value {i}")));
+        assert_eq!(value, &expected, "key {i}");
+    }
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let mut conn = store.connection();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .expect("cleaned up");
+}
