@@ -11,9 +11,11 @@
 # repeats the Zipf and 1-input base64 runs (one request per connection, and
 # pipelined) on a second one with the in-process L1 cache on, as shipped
 # (EMBGATE__L1__MAX_BYTES=--l1-bytes, default 128 MiB), for the report's
-# targets and "In-process L1 cache" section; --no-l1 skips that. Needs a
-# running Redis; takes about 5 minutes once built. For instruction counts per
-# request (no machine noise), see bench/instructions.sh.
+# targets and "In-process L1 cache" section; --no-l1 skips that. Each target
+# is judged on the median of --rounds (default 3) back-to-back rounds of its
+# runs and the ceiling. Needs a running Redis; takes about 6 minutes once
+# built. For instruction counts per request (no machine noise), see
+# bench/instructions.sh.
 #
 # loadgen options (target/release/loadgen --help) pass through, e.g.
 #   bench/run.sh --only zipf,hit1 --l1-bytes 67108864 --out /tmp/l1.md
