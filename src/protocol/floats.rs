@@ -40,8 +40,9 @@ static POW10: [f64; 121] = {
     table
 };
 
-/// Values decomposed at a time before any is written: their digits do not
-/// depend on each other, so the CPU works on a whole block at once.
+/// How many values are decomposed before any of them is written: their
+/// digits do not depend on each other, so the CPU works on the whole block
+/// at once.
 const BLOCK: usize = 16;
 
 /// Appends `values` as a JSON array of numbers: `[v0,v1,...]`.
