@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use embgate::entry::Entry;
-use embgate::key::{KeyHash, KeyScope};
+use embgate::cache::entry::Entry;
+use embgate::cache::key::{KeyHash, KeyLayout, KeyScope};
 use embgate::protocol::{self, EncodingFormat, Input, Limits};
 
 const MODEL: &str = "text-embedding-3-small";
@@ -73,9 +73,10 @@ fn keys(c: &mut Criterion) {
     group.bench_function("hash_and_redis_key/64", |b| {
         b.iter(|| {
             let hasher = scope().hasher();
+            let layout = KeyLayout::new("embgate");
             inputs
                 .iter()
-                .map(|input| hasher.key(black_box(input)).redis_key("embgate"))
+                .map(|input| layout.entry(&hasher.key(black_box(input))))
                 .collect::<Vec<String>>()
         })
     });

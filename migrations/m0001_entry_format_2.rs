@@ -8,8 +8,8 @@
 //! Vectors and token counts are kept bit for bit.
 
 use super::{Migration, Transform};
-use crate::entry::{self, Entry};
-use crate::key::KeyHash;
+use crate::cache::entry::{self, Entry};
+use crate::cache::key::KeyHash;
 
 pub struct EntryFormat2;
 
@@ -24,41 +24,21 @@ impl Migration for EntryFormat2 {
         "entry_format_2"
     }
 
-    fn pattern(&self, key_prefix: &str) -> String {
-        format!("{key_prefix}:v1:*")
-    }
-
-    fn transform(&self, key: &str, value: &[u8]) -> Transform {
-        let Some(hash) = key_hash_of(key) else {
-            return Transform::Unreadable;
-        };
-        if value.len() >= 3 && &value[..2] == entry::MAGIC && value[2] == entry::FORMAT_VERSION {
+    fn transform(&self, hash: &KeyHash, value: &[u8]) -> Transform {
+        if entry::is_current_format(value) {
             return Transform::Keep;
         }
-        match decode_v1(&hash, value) {
+        match decode_v1(hash, value) {
             Some((payload, tokens)) => {
                 let written_at = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
-                let upgraded = Entry::from_parts(&hash, payload, tokens, 0, written_at);
+                let upgraded = Entry::from_parts(hash, payload, tokens, 0, written_at);
                 Transform::Replace(upgraded.as_bytes().to_vec())
             }
             None => Transform::Unreadable,
         }
     }
-}
-
-/// The key hash from a key named `<prefix>:v1:<64 hex digits>`.
-fn key_hash_of(key: &str) -> Option<KeyHash> {
-    let hex = key.rsplit(':').next()?;
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut hash = [0u8; 32];
-    for (i, byte) in hash.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(KeyHash(hash))
 }
 
 /// A verified format-1 value: (payload, tokens).
@@ -105,25 +85,25 @@ mod tests {
     #[test]
     fn upgrades_format_1_bit_for_bit_and_is_idempotent() {
         let hash = KeyHash([9; 32]);
-        let key = hash.redis_key("p");
         let old = encode_v1(&hash, &[0.5, -0.25, 1e-9], 17);
-        let Transform::Replace(new) = EntryFormat2.transform(&key, &old) else {
+        let Transform::Replace(new) = EntryFormat2.transform(&hash, &old) else {
             panic!("format 1 is rewritten");
         };
         let entry = Entry::decode(&hash, new.clone().into(), Some(3)).expect("format 2");
         assert_eq!(entry.payload(), &old[V1_HEADER..]);
         assert_eq!(entry.tokens(), 17);
         assert_eq!(entry.model_tag(), 0);
-        assert_eq!(EntryFormat2.transform(&key, &new), Transform::Keep);
+        assert_eq!(EntryFormat2.transform(&hash, &new), Transform::Keep);
         let mut corrupt = old.clone();
         corrupt[V1_HEADER] ^= 1;
         assert_eq!(
-            EntryFormat2.transform(&key, &corrupt),
+            EntryFormat2.transform(&hash, &corrupt),
             Transform::Unreadable
         );
         assert_eq!(
-            EntryFormat2.transform("p:v1:zz", &old),
-            Transform::Unreadable
+            EntryFormat2.transform(&KeyHash([8; 32]), &old),
+            Transform::Unreadable,
+            "a format-1 value is bound to its key too"
         );
     }
 }

@@ -1,7 +1,6 @@
-//! Keyspace migrations: versioned, ordered rewrites of the cache's own data
-//! in Redis (entry format, key layout, ledger), applied by `embgate migrate`
-//! (see `src/migrate.rs` for the runner: batches with SCAN, resumable,
-//! idempotent).
+//! Keyspace migrations: versioned, ordered rewrites of the cache's stored
+//! entries, applied by `embgate migrate` on any store (see `src/migrate.rs`
+//! for the runner: batches, resumable, idempotent).
 //!
 //! The keyspace version is the number of the last migration applied. To add
 //! one: a new `mNNNN_name.rs` implementing [`Migration`], listed in [`all`]
@@ -9,6 +8,8 @@
 //! already migrated when a run resumes.
 
 pub mod m0001_entry_format_2;
+
+use crate::cache::key::KeyHash;
 
 /// How one stored value fares under a migration.
 #[derive(Debug, PartialEq, Eq)]
@@ -26,9 +27,8 @@ pub trait Migration: Sync {
     /// 1-based; the keyspace version once this migration has run.
     fn version(&self) -> u32;
     fn name(&self) -> &'static str;
-    /// The SCAN pattern of the keys it rewrites.
-    fn pattern(&self, key_prefix: &str) -> String;
-    fn transform(&self, key: &str, value: &[u8]) -> Transform;
+    /// The fate of the entry stored under `key`.
+    fn transform(&self, key: &KeyHash, value: &[u8]) -> Transform;
 }
 
 /// Every migration, in order.

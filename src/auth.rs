@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMode, Settings};
 use crate::metrics::Metrics;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::vendor::{Upstream, UpstreamError};
 
 /// A secret key. Its `Debug` shows only its id.
 #[derive(Clone, PartialEq, Eq)]

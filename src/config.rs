@@ -17,7 +17,12 @@ listen = "0.0.0.0:8080"
 url = "redis://127.0.0.1:6379/0"
 key_prefix = "embgate"
 timeout_ms = 50
+max_wait_ms = 1000
 write_timeout_ms = 1000
+max_pending_write_bytes = 268435456
+breaker_failures = 5
+breaker_open_ms = 500
+breaker_max_open_ms = 10000
 
 [upstream]
 base_url = "https://api.openai.com/v1"
@@ -28,9 +33,13 @@ max_tokens_per_call = 300000
 max_concurrency = 4
 max_retries = 4
 retry_deadline_secs = 60
+max_dimensions = 4096
 
 [ledger]
 sync_secs = 5
+
+[metrics]
+max_models = 100
 
 [l1]
 max_bytes = 134217728
@@ -65,6 +74,7 @@ pub struct Settings {
     pub coalesce: CoalesceSettings,
     pub auth: AuthSettings,
     pub ledger: LedgerSettings,
+    pub metrics: MetricsSettings,
     pub l1: L1Settings,
     /// More vendors, by name, each serving the models it lists.
     #[serde(default)]
@@ -77,11 +87,23 @@ pub struct Settings {
 pub struct StoreSettings {
     pub url: String,
     pub key_prefix: String,
-    /// A lookup slower than this (plus 0.1 ms per key looked up) is abandoned
-    /// and the request served from the vendor.
+    /// A lookup waits for the store as long as the vendor typically takes
+    /// to answer (waiting is cheaper than paying again), but at least this
+    /// long...
     pub timeout_ms: u64,
+    /// ... and at most this long (each plus 0.1 ms per key looked up).
+    pub max_wait_ms: u64,
     /// Writes carry whole vectors (up to tens of MB per request), so they get longer.
     pub write_timeout_ms: u64,
+    /// Bytes of fetched entries waiting to be written; past it, new ones
+    /// are served but not stored.
+    pub max_pending_write_bytes: u64,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker first stays open; doubled while probes fail...
+    pub breaker_open_ms: u64,
+    /// ... up to this.
+    pub breaker_max_open_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,6 +117,9 @@ pub struct UpstreamSettings {
     pub max_concurrency: usize,
     pub max_retries: u32,
     pub retry_deadline_secs: u64,
+    /// The most dimensions a model without `dimensions` in its request is
+    /// expected to return; bounds how much of an answer is read.
+    pub max_dimensions: u32,
 }
 
 /// The in-process cache in front of Redis.
@@ -109,6 +134,13 @@ pub struct LedgerSettings {
     /// How often the savings ledger is written to Redis and the store
     /// gauges (entries, memory) are refreshed.
     pub sync_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    /// Models that get a label of their own (beyond configured and priced
+    /// ones); others count as `other`.
+    pub max_models: usize,
 }
 
 /// Who may use the gateway, and whose vendor key pays.
@@ -240,8 +272,23 @@ impl Settings {
         if self.store.key_prefix.is_empty() || self.store.key_prefix.contains(char::is_whitespace) {
             return invalid("store.key_prefix", "must be non-empty, without spaces");
         }
-        if self.store.timeout_ms == 0 || self.store.write_timeout_ms == 0 {
+        if self.store.timeout_ms == 0
+            || self.store.write_timeout_ms == 0
+            || self.store.max_wait_ms == 0
+        {
             return invalid("store.timeout_ms", "timeouts must be positive");
+        }
+        if self.store.breaker_failures == 0
+            || self.store.breaker_open_ms == 0
+            || self.store.breaker_max_open_ms < self.store.breaker_open_ms
+        {
+            return invalid(
+                "store.breaker_*",
+                "breaker_failures and breaker_open_ms must be positive, breaker_max_open_ms at least breaker_open_ms",
+            );
+        }
+        if self.upstream.max_dimensions == 0 {
+            return invalid("upstream.max_dimensions", "must be positive");
         }
         if self.upstream.timeout_secs == 0 {
             return invalid("upstream.timeout_secs", "must be positive");
@@ -325,9 +372,6 @@ impl Settings {
 }
 
 impl StoreSettings {
-    pub fn read_timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
     }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::auth::AuthError;
 use crate::pipeline::EmbedError;
 use crate::protocol::InvalidRequest;
-use crate::upstream::UpstreamError;
+use crate::vendor::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -202,6 +202,13 @@ fn upstream_error(e: UpstreamError) -> Response {
             &message,
             None,
             Some("upstream_invalid_response"),
+        ),
+        UpstreamError::TooLarge(_) => openai_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            &message,
+            None,
+            Some("upstream_response_too_large"),
         ),
     }
 }

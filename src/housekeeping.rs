@@ -1,49 +1,57 @@
 //! Periodic work kept off the request path: writing the savings ledger to
-//! Redis and refreshing the store gauges (entries, memory).
+//! the store, refreshing the store gauges (entries, bytes), and stamping
+//! the keyspace version again if the store lost it (a Redis restarted
+//! without persistence).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::Ledger;
+use crate::accounting::ledger::Ledger;
+use crate::cache::store::Store;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::migrate;
 
-/// Runs until `stop` is cancelled, then flushes the ledger one last time.
+/// Runs until `stop` is cancelled.
 pub async fn run(
     ledger: Arc<Ledger>,
-    store: Store,
+    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     every: Duration,
     stop: CancellationToken,
 ) {
     loop {
-        tick(&ledger, &store, &metrics).await;
+        tick(&ledger, store.as_ref(), &metrics).await;
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => break,
         }
     }
-    if let Err(e) = ledger.flush().await {
-        tracing::warn!(error = %e, "final ledger flush failed; this run's savings since the last flush are not in the ledger");
-    }
 }
 
-async fn tick(ledger: &Ledger, store: &Store, metrics: &Metrics) {
+async fn tick(ledger: &Ledger, store: &dyn Store, metrics: &Metrics) {
     if let Err(e) = ledger.sync().await {
         metrics.store_errors.with_label_values(&["ledger"]).inc();
         tracing::debug!(error = %e, "ledger sync failed; will retry");
     }
     match store.size().await {
-        Ok((entries, memory)) => {
+        Ok(size) => {
             metrics
                 .store_entries
-                .set(i64::try_from(entries).unwrap_or(i64::MAX));
+                .set(i64::try_from(size.entries).unwrap_or(i64::MAX));
             metrics
                 .store_memory_bytes
-                .set(i64::try_from(memory).unwrap_or(i64::MAX));
+                .set(i64::try_from(size.bytes).unwrap_or(i64::MAX));
         }
         Err(e) => tracing::debug!(error = %e, "store size unavailable"),
+    }
+    match migrate::stamp_if_missing(store).await {
+        Ok(true) => tracing::info!("keyspace version was missing from the store; stamped again"),
+        Ok(false) => {}
+        Err(e) => {
+            metrics.store_errors.with_label_values(&["meta"]).inc();
+            tracing::debug!(error = %e, "keyspace version not checked");
+        }
     }
 }

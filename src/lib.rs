@@ -1,20 +1,19 @@
-//! embgate: an OpenAI-compatible gateway that caches embeddings in Redis, so
-//! the same input is paid for once.
+//! embgate: an OpenAI-compatible gateway that caches embeddings, so the
+//! same input is paid for once.
 //!
-//! A request flows `routes` -> `protocol` (parse) -> `pipeline` (`key`,
-//! `l1`, `store`, `inflight`, `upstream`, `entry`) -> `body` (rendered by
+//! A request flows top to bottom through the modules: `server` (HTTP/1.1
+//! connections) -> `routes` (`auth`, `protocol` parses) -> `pipeline`
+//! (coordinates) -> `cache` (keys, L1, store) or `vendor` (misses) ->
+//! `accounting` (tokens and dollars) -> `body` (the response, rendered by
 //! `protocol`).
 
+pub mod accounting;
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod config;
-pub mod entry;
 pub mod error;
 pub mod housekeeping;
-pub mod inflight;
-pub mod key;
-pub mod l1;
-pub mod ledger;
 pub mod metrics;
 pub mod migrate;
 #[path = "../migrations/mod.rs"]
@@ -26,9 +25,7 @@ pub mod routes;
 pub mod server;
 pub mod signal;
 pub mod stats;
-pub mod store;
-pub mod tokens;
-pub mod upstream;
+pub mod vendor;
 pub mod warm;
 
 use std::sync::Arc;
@@ -39,22 +36,24 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::accounting::Accounting;
+use crate::accounting::ledger::Ledger;
 use crate::auth::Auth;
+use crate::cache::Cache;
+use crate::cache::store::{self, Store, StoreError};
 use crate::config::Settings;
-use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::pipeline::Embedder;
+use crate::pipeline::Pipeline;
 use crate::protocol::Limits;
 use crate::routes::AppState;
-use crate::store::Store;
-use crate::upstream::Upstreams;
+use crate::vendor::Upstreams;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error("store: {0}")]
-    Store(#[from] store::StoreError),
+    Store(#[from] StoreError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("upstream: {0}")]
@@ -70,37 +69,97 @@ pub enum StartupError {
     },
 }
 
+/// The cache engine without HTTP: what `serve` and `warm` share.
+pub struct Engine {
+    pub metrics: Arc<Metrics>,
+    pub cache: Arc<Cache>,
+    pub upstreams: Arc<Upstreams>,
+    pub accounting: Arc<Accounting>,
+    pub pipeline: Arc<Pipeline>,
+}
+
+impl Engine {
+    pub fn new(settings: &Settings) -> Result<Engine, StartupError> {
+        let metrics = Arc::new(Metrics::new()?);
+        let store = store::open(&settings.store)?;
+        Self::with_store(settings, store, metrics)
+    }
+
+    /// An engine on a store opened already (tests share one).
+    pub fn with_store(
+        settings: &Settings,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Engine, StartupError> {
+        let cache = Arc::new(Cache::new(
+            Arc::clone(&store),
+            &settings.store,
+            settings.l1.max_bytes,
+            Arc::clone(&metrics),
+        ));
+        let upstreams =
+            Arc::new(Upstreams::new(settings, &metrics).map_err(StartupError::Upstream)?);
+        let ledger = Arc::new(Ledger::new(store, Arc::clone(&metrics)));
+        let accounting = Arc::new(Accounting::new(
+            settings,
+            upstreams.exact_models().map(str::to_owned),
+            Arc::clone(&metrics),
+            ledger,
+        ));
+        let pipeline = Arc::new(Pipeline::new(
+            settings,
+            Arc::clone(&cache),
+            Arc::clone(&accounting),
+        ));
+        Ok(Engine {
+            metrics,
+            cache,
+            upstreams,
+            accounting,
+            pipeline,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        self.cache.store()
+    }
+
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        self.accounting.ledger()
+    }
+
+    /// Waits for fetches and cache writes still running, then writes the
+    /// ledger one last time.
+    pub async fn finish(&self) {
+        self.pipeline.drain().await;
+        if let Err(e) = self.ledger().flush().await {
+            tracing::warn!(error = %e, "final ledger flush failed; savings since the last flush are not in the ledger");
+        }
+    }
+}
+
 /// A configured gateway, ready to serve.
 pub struct Gateway {
     pub router: axum::Router,
-    pub embedder: Arc<Embedder>,
-    pub metrics: Arc<Metrics>,
-    pub ledger: Arc<Ledger>,
+    pub engine: Engine,
     sync_every: Duration,
 }
 
 impl Gateway {
     pub fn new(settings: &Settings) -> Result<Gateway, StartupError> {
-        let metrics = Arc::new(Metrics::new()?);
-        let store = Store::connect_lazy(&settings.store)?;
-        let upstreams = Upstreams::new(settings, &metrics).map_err(StartupError::Upstream)?;
-        let auth = Arc::new(Auth::new(settings, Arc::clone(&metrics)).map_err(StartupError::Auth)?);
-        let ledger = Arc::new(Ledger::new(
-            store.clone(),
-            &settings.store.key_prefix,
-            Arc::clone(&metrics),
-        ));
-        let embedder = Arc::new(Embedder::new(
-            settings,
-            store,
-            upstreams,
-            Arc::clone(&metrics),
-            Arc::clone(&ledger),
-        ));
+        Self::on(settings, Engine::new(settings)?)
+    }
+
+    /// A gateway serving `engine`.
+    pub fn on(settings: &Settings, engine: Engine) -> Result<Gateway, StartupError> {
+        let auth =
+            Arc::new(Auth::new(settings, Arc::clone(&engine.metrics)).map_err(StartupError::Auth)?);
         let state = AppState {
             auth,
-            embedder: Arc::clone(&embedder),
-            metrics: Arc::clone(&metrics),
+            upstreams: Arc::clone(&engine.upstreams),
+            pipeline: Arc::clone(&engine.pipeline),
+            accounting: Arc::clone(&engine.accounting),
+            metrics: Arc::clone(&engine.metrics),
             limits: Limits {
                 max_inputs: settings.limits.max_inputs,
                 max_input_bytes: settings.limits.max_input_bytes,
@@ -109,9 +168,7 @@ impl Gateway {
         };
         Ok(Gateway {
             router: routes::router(state),
-            embedder,
-            metrics,
-            ledger,
+            engine,
             sync_every: Duration::from_secs(settings.ledger.sync_secs),
         })
     }
@@ -125,9 +182,9 @@ impl Gateway {
     ) {
         let stop = CancellationToken::new();
         let housekeeping = tokio::spawn(housekeeping::run(
-            Arc::clone(&self.ledger),
-            self.embedder.store().clone(),
-            Arc::clone(&self.metrics),
+            Arc::clone(self.engine.ledger()),
+            Arc::clone(self.engine.store()),
+            Arc::clone(&self.engine.metrics),
             self.sync_every,
             stop.clone(),
         ));
@@ -140,10 +197,10 @@ impl Gateway {
             }
         });
         server::serve(listener, self.router, shutdown).await;
-        // In-flight fetches finish and store before the ledger's last flush.
-        self.embedder.drain().await;
         stop.cancel();
         let _ = housekeeping.await;
+        // In-flight fetches finish and store before the ledger's last flush.
+        self.engine.finish().await;
     }
 }
 
@@ -153,12 +210,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     let gateway = Gateway::new(settings)?;
-    match migrate::check(gateway.embedder.store(), &settings.store.key_prefix).await {
+    match migrate::check(gateway.engine.store().as_ref()).await {
         Ok(()) => {}
         Err(e @ (migrate::MigrateError::Newer { .. } | migrate::MigrateError::Older { .. })) => {
             return Err(StartupError::Keyspace(e));
         }
-        // Redis unreachable: serve from the vendor; the check runs next start.
+        // The store is unreachable: serve from the vendor; the version is
+        // stamped once it answers (housekeeping).
         Err(e) => tracing::warn!(error = %e, "keyspace version not checked"),
     }
     let listener = TcpListener::bind(&settings.listen)
@@ -169,7 +227,8 @@ pub async fn run(
         })?;
     tracing::info!(
         listen = %settings.listen,
-        upstream = %gateway.embedder.upstreams().default().base_url(),
+        store = gateway.engine.store().kind(),
+        upstream = %gateway.engine.upstreams.default().base_url(),
         auth = ?settings.auth_mode(),
         "embgate serving"
     );

@@ -11,7 +11,7 @@ use embgate::config::Settings;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// An OpenAI-compatible gateway that caches embeddings in Redis.
+/// An OpenAI-compatible gateway that caches embeddings.
 #[derive(Parser)]
 #[command(name = "embgate", version, about)]
 struct Cli {
@@ -80,11 +80,10 @@ async fn main() -> ExitCode {
 }
 
 async fn migrate(settings: &Settings, batch: usize) -> Result<(), embgate::StartupError> {
-    let store = embgate::store::Store::connect_lazy(&settings.store)?;
-    let report =
-        embgate::migrate::run_pending(&store, &settings.store.key_prefix, batch.max(1), None)
-            .await
-            .map_err(embgate::StartupError::Keyspace)?;
+    let store = embgate::cache::store::open(&settings.store)?;
+    let report = embgate::migrate::run_pending(store.as_ref(), batch.max(1), None)
+        .await
+        .map_err(embgate::StartupError::Keyspace)?;
     if report.from_version == report.to_version {
         println!(
             "keyspace at version {}: nothing to migrate",
@@ -104,9 +103,9 @@ async fn migrate(settings: &Settings, batch: usize) -> Result<(), embgate::Start
 }
 
 async fn stats(settings: &Settings) -> Result<(), embgate::StartupError> {
-    let store = embgate::store::Store::connect_lazy(&settings.store)?;
+    let store = embgate::cache::store::open(&settings.store)?;
     let models = settings.prices.keys().map(String::as_str);
-    let stats = embgate::stats::collect(&store, &settings.store.key_prefix, models).await?;
+    let stats = embgate::stats::collect(store.as_ref(), models).await?;
     print!("{}", stats.render());
     Ok(())
 }

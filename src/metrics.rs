@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use prometheus::{
     Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The counters every embeddings request moves, for one tenant and model.
@@ -65,6 +65,11 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub store_errors: IntCounterVec,
     pub store_up: IntGauge,
+    pub store_reads_up: IntGauge,
+    pub store_writes_up: IntGauge,
+    pub store_breaker_open: IntGaugeVec,
+    pub store_skipped: IntCounterVec,
+    pub store_timeouts: IntCounter,
     pub coalesced_inputs: IntCounterVec,
     pub tenant_requests: IntCounterVec,
     pub tenant_saved_tokens: IntCounterVec,
@@ -125,11 +130,18 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok::<_, prometheus::Error>(g)
         };
-        let store_up = IntGauge::new(
+        let store_up = int_gauge(
             "embgate_store_up",
-            "1 while the last store operation succeeded, 0 while Redis is failing (serving from the vendor).",
+            "1 while the store both reads and writes, 0 while either fails (served from the vendor).",
         )?;
-        registry.register(Box::new(store_up.clone()))?;
+        let store_breaker_open = IntGaugeVec::new(
+            Opts::new(
+                "embgate_store_breaker_open",
+                "1 while the store's circuit breaker is open for reads or writes (the store is not asked).",
+            ),
+            &["side"],
+        )?;
+        registry.register(Box::new(store_breaker_open.clone()))?;
 
         Ok(Metrics {
             cache_lookups: int_counter(
@@ -176,10 +188,32 @@ impl Metrics {
             http_duration,
             store_errors: int_counter(
                 "embgate_store_errors_total",
-                "Store failures, by operation (get|set|ping|decode); each one is served from the vendor.",
+                "Store failures, by operation (get|set|set_skipped|ping|write_probe|decode|lease|ledger|ledger_field|meta); each one is served from the vendor.",
                 &["op"],
             )?,
             store_up,
+            store_reads_up: int_gauge(
+                "embgate_store_reads_up",
+                "1 while lookups in the store succeed, 0 while they fail.",
+            )?,
+            store_writes_up: int_gauge(
+                "embgate_store_writes_up",
+                "1 while writes to the store succeed, 0 while they fail (e.g. a full Redis).",
+            )?,
+            store_breaker_open,
+            store_skipped: int_counter(
+                "embgate_store_skipped_total",
+                "Store operations skipped while the circuit breaker was open, by side (read|write).",
+                &["side"],
+            )?,
+            store_timeouts: {
+                let c = IntCounter::new(
+                    "embgate_store_timeouts_total",
+                    "Inputs whose lookup outlasted its wait and were treated as misses (fetched again unless another request had them).",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             coalesced_inputs: int_counter(
                 "embgate_coalesced_inputs_total",
                 "Missed inputs served by another request's in-flight upstream fetch, by model.",
@@ -212,32 +246,32 @@ impl Metrics {
             )?,
             ledger_saved_tokens: gauge(
                 "embgate_ledger_saved_tokens",
-                "All-time tokens saved (ledger kept in Redis; survives restarts), by model and tenant.",
+                "All-time tokens saved (ledger kept in the store; survives restarts), by model and tenant.",
             )?,
             ledger_saved_usd: gauge(
                 "embgate_ledger_saved_usd",
-                "All-time US dollars saved (ledger kept in Redis), by model and tenant.",
+                "All-time US dollars saved (ledger kept in the store), by model and tenant.",
             )?,
             ledger_spent_tokens: gauge(
                 "embgate_ledger_spent_tokens",
-                "All-time tokens paid to the vendor (ledger kept in Redis), by model and tenant.",
+                "All-time tokens paid to the vendor (ledger kept in the store), by model and tenant.",
             )?,
             ledger_spent_usd: gauge(
                 "embgate_ledger_spent_usd",
-                "All-time US dollars paid to the vendor (ledger kept in Redis), by model and tenant.",
+                "All-time US dollars paid to the vendor (ledger kept in the store), by model and tenant.",
             )?,
             store_entries: int_gauge(
                 "embgate_store_entries",
-                "Keys in the Redis database (DBSIZE), refreshed periodically.",
+                "Entries in the store (for Redis: keys in the database, DBSIZE), refreshed periodically.",
             )?,
             store_memory_bytes: int_gauge(
                 "embgate_store_memory_bytes",
-                "Memory Redis uses (INFO used_memory), refreshed periodically.",
+                "Bytes the store uses (for Redis: INFO used_memory), refreshed periodically.",
             )?,
             l1_hits: {
                 let c = prometheus::IntCounter::new(
                     "embgate_l1_hits_total",
-                    "Lookups answered by the in-process L1 cache without asking Redis.",
+                    "Lookups answered by the in-process L1 cache without asking the store.",
                 )?;
                 registry.register(Box::new(c.clone()))?;
                 c

@@ -1,31 +1,34 @@
 //! Runs the keyspace migrations in `migrations/` and guards `serve` against
 //! a keyspace it does not understand.
 //!
-//! The applied version lives in the hash `<prefix>:meta` (field
-//! `keyspace_version`). A migration walks its keys with SCAN in batches;
-//! after each batch the SCAN cursor is saved in the same hash, so an
-//! interrupted run resumes where it stopped. Values are replaced with a
-//! compare-and-set, so a value changed meanwhile is never overwritten.
+//! The applied version lives in the store's `meta` (field
+//! `keyspace_version`). A migration walks the entries in batches; after each
+//! batch the walk's cursor is saved in `meta` too, so an interrupted run
+//! resumes where it stopped. Values are replaced with a compare-and-set, so
+//! a value changed meanwhile is never overwritten.
 
-use redis::aio::ConnectionManager;
+use bytes::Bytes;
 
+use crate::cache::entry;
+use crate::cache::store::{Cursor, Store, StoreError};
 use crate::migrations::{self, LATEST, Migration, Transform};
-use crate::store::{Store, scan_page};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(
-        "the keyspace under '{prefix}' is at version {found}, newer than this embgate \
-         understands ({LATEST}); upgrade embgate"
+        "the keyspace is at version {found}, newer than this embgate understands ({LATEST}); \
+         upgrade embgate"
     )]
-    Newer { prefix: String, found: u32 },
+    Newer { found: u32 },
     #[error(
-        "the keyspace under '{prefix}' is at version {found}; this embgate needs version \
-         {LATEST}: run `embgate migrate` first"
+        "the keyspace is at version {found}; this embgate needs version {LATEST}: run \
+         `embgate migrate` first"
     )]
-    Older { prefix: String, found: u32 },
+    Older { found: u32 },
+    #[error("the keyspace version in the store is not a number: {0:?}")]
+    BadVersion(String),
 }
 
 /// What a migration run did.
@@ -40,91 +43,89 @@ pub struct Report {
     pub complete: bool,
 }
 
-pub fn meta_key(prefix: &str) -> String {
-    format!("{prefix}:meta")
-}
-
-const VERSION_FIELD: &str = "keyspace_version";
+pub const VERSION_FIELD: &str = "keyspace_version";
 
 fn cursor_field(version: u32) -> String {
     format!("migration_{version:04}_cursor")
 }
 
-/// The keyspace version: recorded, or 0 for a keyspace written before
-/// versioning, or `None` for an empty keyspace.
-async fn current_version(
-    conn: &mut ConnectionManager,
-    prefix: &str,
-) -> Result<Option<u32>, MigrateError> {
-    let recorded: Option<u32> = redis::cmd("HGET")
-        .arg(meta_key(prefix))
-        .arg(VERSION_FIELD)
-        .query_async(conn)
-        .await?;
-    if recorded.is_some() {
-        return Ok(recorded);
+/// Entries sampled to tell an unversioned keyspace's layout.
+const SAMPLE: usize = 100;
+
+/// The keyspace version: recorded; or the version before a migration
+/// under way; or `None` for a keyspace that can take the latest version as
+/// it is (empty, or whose entries are all in the current format: its
+/// version was lost, e.g. evicted); or 0 for one written before versioning.
+async fn current_version(store: &dyn Store) -> Result<Option<u32>, MigrateError> {
+    if let Some(recorded) = store.meta_get(VERSION_FIELD).await? {
+        return recorded
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| MigrateError::BadVersion(recorded));
     }
-    Ok(has_entries(conn, prefix).await?.then_some(0))
+    for migration in migrations::all() {
+        let version = migration.version();
+        if store.meta_get(&cursor_field(version)).await?.is_some() {
+            return Ok(Some(version - 1));
+        }
+    }
+    let (_, heads) = store
+        .scan_heads(&Cursor::start(), SAMPLE, entry::HEADER_LEN)
+        .await?;
+    let current = heads.iter().all(|h| entry::is_current_format(&h.head));
+    Ok((!current).then_some(0))
 }
 
-async fn has_entries(conn: &mut ConnectionManager, prefix: &str) -> Result<bool, MigrateError> {
-    let pattern = format!("{prefix}:v1:*");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys) = scan_page(conn, cursor, &pattern, 1000).await?;
-        if !keys.is_empty() {
-            return Ok(true);
-        }
-        if next == 0 {
-            return Ok(false);
-        }
-        cursor = next;
-    }
+async fn set_version(store: &dyn Store, version: u32) -> Result<(), MigrateError> {
+    Ok(store.meta_set(VERSION_FIELD, &version.to_string()).await?)
 }
 
-async fn set_version(
-    conn: &mut ConnectionManager,
-    prefix: &str,
-    version: u32,
-) -> Result<(), MigrateError> {
-    redis::cmd("HSET")
-        .arg(meta_key(prefix))
-        .arg(VERSION_FIELD)
-        .arg(version)
-        .query_async::<()>(conn)
-        .await?;
-    Ok(())
+/// Stamps the latest version unless another process recorded one since we
+/// looked (another gateway, or a newer embgate, starting on the same store).
+async fn stamp_latest(store: &dyn Store) -> Result<bool, MigrateError> {
+    Ok(store
+        .meta_set_new(VERSION_FIELD, &LATEST.to_string())
+        .await?)
 }
 
 /// Before serving: a fresh keyspace is stamped with the latest version; an
 /// older or newer one is refused with what to do.
-pub async fn check(store: &Store, prefix: &str) -> Result<(), MigrateError> {
-    let mut conn = store.connection();
-    match current_version(&mut conn, prefix).await? {
-        None => set_version(&mut conn, prefix, LATEST).await,
+pub async fn check(store: &dyn Store) -> Result<(), MigrateError> {
+    match current_version(store).await? {
+        None if stamp_latest(store).await? => Ok(()),
+        // Stamped by someone else meanwhile: judge what they wrote.
+        None => Box::pin(check(store)).await,
         Some(v) if v == LATEST => Ok(()),
-        Some(v) if v > LATEST => Err(MigrateError::Newer {
-            prefix: prefix.to_owned(),
-            found: v,
-        }),
-        Some(v) => Err(MigrateError::Older {
-            prefix: prefix.to_owned(),
-            found: v,
-        }),
+        Some(v) if v > LATEST => Err(MigrateError::Newer { found: v }),
+        Some(v) => Err(MigrateError::Older { found: v }),
     }
 }
 
-/// Applies every pending migration, `batch` keys per SCAN step. With
+/// While serving: stamps the version again if the store lost it and the
+/// keyspace can take it as it is. True if it stamped.
+pub async fn stamp_if_missing(store: &dyn Store) -> Result<bool, MigrateError> {
+    if store.meta_get(VERSION_FIELD).await?.is_some() {
+        return Ok(false);
+    }
+    match current_version(store).await? {
+        None => stamp_latest(store).await,
+        Some(_) => Ok(false),
+    }
+}
+
+/// Applies every pending migration, `batch` entries per step. With
 /// `max_batches`, stops after that many steps (the run can be resumed).
 pub async fn run_pending(
-    store: &Store,
-    prefix: &str,
+    store: &dyn Store,
     batch: usize,
     max_batches: Option<u64>,
 ) -> Result<Report, MigrateError> {
-    let mut conn = store.connection();
-    let Some(from) = current_version(&mut conn, prefix).await? else {
-        set_version(&mut conn, prefix, LATEST).await?;
+    let Some(from) = current_version(store).await? else {
+        if !stamp_latest(store).await? {
+            // Stamped by someone else meanwhile: migrate from what they wrote.
+            return Box::pin(run_pending(store, batch, max_batches)).await;
+        }
         return Ok(Report {
             from_version: LATEST,
             to_version: LATEST,
@@ -133,10 +134,7 @@ pub async fn run_pending(
         });
     };
     if from > LATEST {
-        return Err(MigrateError::Newer {
-            prefix: prefix.to_owned(),
-            found: from,
-        });
+        return Err(MigrateError::Newer { found: from });
     }
     let mut report = Report {
         from_version: from,
@@ -150,23 +148,12 @@ pub async fn run_pending(
             name = migration.name(),
             "migrating"
         );
-        if !apply(
-            &mut conn,
-            prefix,
-            *migration,
-            batch,
-            &mut budget,
-            &mut report,
-        )
-        .await?
-        {
+        if !apply(store, *migration, batch, &mut budget, &mut report).await? {
             return Ok(report);
         }
-        set_version(&mut conn, prefix, migration.version()).await?;
-        redis::cmd("HDEL")
-            .arg(meta_key(prefix))
-            .arg(cursor_field(migration.version()))
-            .query_async::<()>(&mut conn)
+        set_version(store, migration.version()).await?;
+        store
+            .meta_delete(&cursor_field(migration.version()))
             .await?;
         report.to_version = migration.version();
     }
@@ -174,34 +161,19 @@ pub async fn run_pending(
     Ok(report)
 }
 
-/// Replaces each key's value only if it is still the one read.
-const COMPARE_AND_SET: &str = r"
-local n = 0
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[2 * i - 1] then
-    redis.call('SET', key, ARGV[2 * i])
-    n = n + 1
-  end
-end
-return n";
-
 /// Runs one migration from its saved cursor; false if the budget ran out.
 async fn apply(
-    conn: &mut ConnectionManager,
-    prefix: &str,
+    store: &dyn Store,
     migration: &dyn Migration,
     batch: usize,
     budget: &mut Option<u64>,
     report: &mut Report,
 ) -> Result<bool, MigrateError> {
     let field = cursor_field(migration.version());
-    let saved: Option<u64> = redis::cmd("HGET")
-        .arg(meta_key(prefix))
-        .arg(&field)
-        .query_async(conn)
-        .await?;
-    let mut cursor = saved.unwrap_or(0);
-    let pattern = migration.pattern(prefix);
+    let mut cursor = store
+        .meta_get(&field)
+        .await?
+        .map_or_else(Cursor::start, Cursor);
     loop {
         if let Some(left) = budget {
             if *left == 0 {
@@ -209,41 +181,19 @@ async fn apply(
             }
             *left -= 1;
         }
-        let (next, keys) = scan_page(conn, cursor, &pattern, batch).await?;
-        if !keys.is_empty() {
-            let values: Vec<Option<Vec<u8>>> =
-                redis::cmd("MGET").arg(&keys).query_async(conn).await?;
-            let mut cas = redis::cmd("EVAL");
-            cas.arg(COMPARE_AND_SET);
-            let mut changes: Vec<(&String, Vec<u8>, Vec<u8>)> = Vec::new();
-            for (key, value) in keys.iter().zip(values) {
-                let Some(value) = value else { continue };
-                report.scanned += 1;
-                match migration.transform(key, &value) {
-                    Transform::Keep => {}
-                    Transform::Unreadable => report.unreadable += 1,
-                    Transform::Replace(new) => changes.push((key, value, new)),
-                }
-            }
-            if !changes.is_empty() {
-                cas.arg(changes.len());
-                for (key, _, _) in &changes {
-                    cas.arg(*key);
-                }
-                for (_, old, new) in &changes {
-                    cas.arg(old.as_slice()).arg(new.as_slice());
-                }
-                let n: u64 = cas.query_async(conn).await?;
-                report.rewritten += n;
+        let (next, entries) = store.scan_entries(&cursor, batch).await?;
+        let mut changes: Vec<(_, Bytes, Bytes)> = Vec::new();
+        for (hash, value) in entries {
+            report.scanned += 1;
+            match migration.transform(&hash, &value) {
+                Transform::Keep => {}
+                Transform::Unreadable => report.unreadable += 1,
+                Transform::Replace(new) => changes.push((hash, value, new.into())),
             }
         }
-        redis::cmd("HSET")
-            .arg(meta_key(prefix))
-            .arg(&field)
-            .arg(next)
-            .query_async::<()>(conn)
-            .await?;
-        if next == 0 {
+        report.rewritten += store.compare_and_set(changes).await?;
+        store.meta_set(&field, &next.0).await?;
+        if next.is_start() {
             return Ok(true);
         }
         cursor = next;

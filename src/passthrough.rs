@@ -25,7 +25,7 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let upstream = state.embedder.upstreams().default();
+    let upstream = state.upstreams.default();
     let path = req.uri().path();
     let Some(rest) = path
         .strip_prefix("/v1")

@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use crate::entry::{self, HEADER_LEN};
-use crate::ledger::{self, Account, Kind};
+use crate::accounting::ledger::{self, Account, Kind};
+use crate::cache::entry::{self, HEADER_LEN};
+use crate::cache::store::{Cursor, Store, StoreError};
 use crate::migrate;
-use crate::store::{Store, StoreError, scan_page};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Bucket {
@@ -17,7 +17,7 @@ pub struct Bucket {
 
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub keyspace_version: Option<u32>,
+    pub keyspace_version: Option<String>,
     pub total: Bucket,
     /// By model name (or `unknown` for entries without a model tag, or a
     /// tag no known model has).
@@ -25,15 +25,13 @@ pub struct Stats {
     pub ledger: Vec<(Account, f64)>,
 }
 
-/// Scans the keyspace under `prefix`. `models` names the models to
-/// recognise by their tag; the ledger's models are added to them.
+/// Walks every entry of `store`. `models` names the models to recognise
+/// by their tag; the ledger's models are added to them.
 pub async fn collect<'a>(
-    store: &Store,
-    prefix: &str,
+    store: &dyn Store,
     models: impl IntoIterator<Item = &'a str>,
 ) -> Result<Stats, StoreError> {
-    let mut conn = store.connection();
-    let ledger = ledger::read_ledger(store, &ledger::ledger_key(prefix)).await?;
+    let ledger = ledger::read_ledger(store, None).await?;
     let mut names: HashMap<u32, String> = models
         .into_iter()
         .map(|m| (entry::model_tag(m), m.to_owned()))
@@ -43,65 +41,35 @@ pub async fn collect<'a>(
             .entry(entry::model_tag(&account.model))
             .or_insert_with(|| account.model.clone());
     }
-    let keyspace_version: Option<u32> = redis::cmd("HGET")
-        .arg(migrate::meta_key(prefix))
-        .arg("keyspace_version")
-        .query_async(&mut conn)
-        .await?;
-
     let mut stats = Stats {
-        keyspace_version,
+        keyspace_version: store.meta_get(migrate::VERSION_FIELD).await?,
         ledger,
         ..Stats::default()
     };
-    let pattern = format!("{prefix}:v1:*");
-    let mut cursor: u64 = 0;
+    let mut cursor = Cursor::start();
     loop {
-        let (next, keys) = scan_page(&mut conn, cursor, &pattern, 1000).await?;
-        if !keys.is_empty() {
-            let mut pipe = redis::pipe();
-            for key in &keys {
-                pipe.cmd("STRLEN").arg(key);
-                pipe.cmd("GETRANGE").arg(key).arg(0).arg(HEADER_LEN - 1);
-            }
-            let answers: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-            for pair in answers.chunks_exact(2) {
-                let bytes: u64 = redis::from_redis_value_ref(&pair[0]).unwrap_or(0);
-                let header: Vec<u8> = redis::from_redis_value_ref(&pair[1]).unwrap_or_default();
-                let model = header_model(&header)
-                    .and_then(|tag| names.get(&tag).cloned())
-                    .unwrap_or_else(|| "unknown".to_owned());
-                for bucket in [&mut stats.total, stats.by_model.entry(model).or_default()] {
-                    bucket.entries += 1;
-                    bucket.bytes += bytes;
-                }
+        let (next, heads) = store.scan_heads(&cursor, 1000, HEADER_LEN).await?;
+        for head in heads {
+            let model = entry::model_tag_of_head(&head.head)
+                .and_then(|tag| names.get(&tag).cloned())
+                .unwrap_or_else(|| "unknown".to_owned());
+            for bucket in [&mut stats.total, stats.by_model.entry(model).or_default()] {
+                bucket.entries += 1;
+                bucket.bytes += head.len;
             }
         }
-        if next == 0 {
+        if next.is_start() {
             return Ok(stats);
         }
         cursor = next;
     }
 }
 
-/// The model tag of a current-format header; `None` for others.
-fn header_model(header: &[u8]) -> Option<u32> {
-    if header.len() < 16 || &header[..2] != entry::MAGIC || header[2] != entry::FORMAT_VERSION {
-        return None;
-    }
-    Some(u32::from_le_bytes([
-        header[12], header[13], header[14], header[15],
-    ]))
-    .filter(|t| *t != 0)
-}
-
 impl Stats {
     /// A plain-text report.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let version = self
-            .keyspace_version
-            .map_or_else(|| "unversioned".to_owned(), |v| v.to_string());
+        let version = self.keyspace_version.as_deref().unwrap_or("unversioned");
         let _ = writeln!(out, "keyspace version  {version}");
         let _ = writeln!(
             out,

@@ -186,22 +186,18 @@ async fn entries_never_expire_and_stay_compact() {
     let gw = TestGateway::start().await;
     gw.embed(&json!({"model": SMALL, "input": ["kept forever"]}))
         .await;
-    let key = gw.redis_key(SMALL, None, &Input::Text("kept forever".into()));
+    let key = gw.key(SMALL, None, &Input::Text("kept forever".into()));
+    assert_eq!(gw.entries().await, vec![key]);
+    let len = gw.raw(&key).await.expect("stored").len();
+    assert!(len <= 4 * 1536 + 64, "entry is {len} bytes");
+    assert!(len >= 4 * 1536);
     let mut conn = gw.redis().await;
     let ttl: i64 = redis::cmd("TTL")
-        .arg(&key)
+        .arg(gw.redis_key(&key))
         .query_async(&mut conn)
         .await
         .expect("ttl");
     assert_eq!(ttl, -1, "no expiry");
-    let len: usize = redis::cmd("STRLEN")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .expect("strlen");
-    assert!(len <= 4 * 1536 + 64, "entry is {len} bytes");
-    assert!(len >= 4 * 1536);
-    assert_eq!(gw.keys().await, vec![key]);
 }
 
 #[tokio::test]
@@ -291,7 +287,7 @@ async fn bad_requests_get_openai_errors_and_never_reach_the_vendor() {
     let err: Value = wrong_method.json().await.expect("json error");
     assert_eq!(err["error"]["type"], "invalid_request_error");
     assert!(gw.vendor.embedding_requests().is_empty());
-    assert!(gw.keys().await.is_empty());
+    assert!(gw.entries().await.is_empty());
 }
 
 #[tokio::test]
@@ -356,14 +352,17 @@ async fn vendor_errors_reach_the_caller_verbatim_and_are_not_cached() {
             "{fault:?}"
         );
     }
-    assert!(gw.keys().await.is_empty(), "nothing cached from failures");
+    assert!(
+        gw.entries().await.is_empty(),
+        "nothing cached from failures"
+    );
 
     // And the next good answer is cached as usual.
     let (cache, _) = gw
         .embed(&json!({"model": SMALL, "input": ["x", "y"]}))
         .await;
     assert_eq!(cache, "miss");
-    assert_eq!(gw.keys().await.len(), 2);
+    assert_eq!(gw.entries().await.len(), 2);
 }
 
 #[tokio::test]

@@ -10,13 +10,8 @@ use embgate::migrate::{self, MigrateError};
 use embgate::migrations::LATEST;
 use embgate::migrations::m0001_entry_format_2::encode_v1;
 use embgate::protocol::Input;
-use embgate::store::Store;
 use fake_vendor::FakeVendor;
 use serde_json::{Value, json};
-
-fn store_for(prefix_settings: &TestGateway) -> Store {
-    Store::connect_lazy(&prefix_settings.settings.store).expect("store")
-}
 
 async fn wait_for_metric(gw: &TestGateway, sample: &str, wanted: f64) -> f64 {
     let mut seen = 0.0;
@@ -88,19 +83,12 @@ async fn the_ledger_survives_a_restart() {
 
 /// Writes `n` entries the way the first layout did, with the vendor's vectors.
 async fn write_format_1(gw: &TestGateway, n: usize) -> Vec<String> {
-    let mut conn = gw.redis().await;
     let texts: Vec<String> = (0..n).map(|i| format!("legacy entry {i}")).collect();
     for t in &texts {
-        let input = Input::Text(t.clone());
-        let hash = key_hash(&gw.vendor.base_url(), SMALL, Some(8), &input);
+        let hash = gw.key(SMALL, Some(8), &Input::Text(t.clone()));
         let vector = vendor_vector(SMALL, Some(8), &text(t));
         let tokens = fake_vendor::tokens(SMALL, &text(t)).expect("tokens");
-        let _: () = redis::cmd("SET")
-            .arg(hash.redis_key(&gw.prefix))
-            .arg(encode_v1(&hash, &vector, tokens))
-            .query_async(&mut conn)
-            .await
-            .expect("set");
+        gw.put_raw(hash, encode_v1(&hash, &vector, tokens)).await;
     }
     texts
 }
@@ -109,32 +97,30 @@ async fn write_format_1(gw: &TestGateway, n: usize) -> Vec<String> {
 async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entry() {
     let gw = TestGateway::start().await;
     let texts = write_format_1(&gw, 300).await;
-    let store = store_for(&gw);
+    let store = gw.store.as_ref();
 
     assert!(matches!(
-        migrate::check(&store, &gw.prefix).await,
+        migrate::check(store).await,
         Err(MigrateError::Older { found: 0, .. })
     ));
 
     // Interrupted after two batches: nothing is marked done yet.
-    let partial = migrate::run_pending(&store, &gw.prefix, 50, Some(2))
+    let partial = migrate::run_pending(store, 50, Some(2))
         .await
         .expect("partial run");
     assert!(!partial.complete);
     assert!(partial.rewritten > 0 && partial.rewritten < 300);
-    assert!(migrate::check(&store, &gw.prefix).await.is_err());
+    assert!(migrate::check(store).await.is_err());
 
-    let rest = migrate::run_pending(&store, &gw.prefix, 50, None)
+    let rest = migrate::run_pending(store, 50, None)
         .await
         .expect("resumed run");
     assert!(rest.complete);
     assert_eq!(rest.to_version, LATEST);
     assert_eq!(partial.rewritten + rest.rewritten, 300, "each entry once");
     assert_eq!(rest.unreadable, 0);
-    migrate::check(&store, &gw.prefix)
-        .await
-        .expect("current now");
-    let again = migrate::run_pending(&store, &gw.prefix, 50, None)
+    migrate::check(store).await.expect("current now");
+    let again = migrate::run_pending(store, 50, None)
         .await
         .expect("idempotent");
     assert_eq!(again.rewritten, 0);
@@ -155,27 +141,18 @@ async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entr
 #[tokio::test]
 async fn keyspace_versions_fresh_newer_and_stamped() {
     let gw = TestGateway::start().await;
-    let store = store_for(&gw);
-    migrate::check(&store, &gw.prefix)
+    let store = gw.store.as_ref();
+    migrate::check(store)
         .await
         .expect("a fresh keyspace is fine");
-    let mut conn = gw.redis().await;
-    let stamped: u32 = redis::cmd("HGET")
-        .arg(migrate::meta_key(&gw.prefix))
-        .arg("keyspace_version")
-        .query_async(&mut conn)
+    let stamped = store.meta_get(migrate::VERSION_FIELD).await.expect("meta");
+    assert_eq!(stamped, Some(LATEST.to_string()));
+    store
+        .meta_set(migrate::VERSION_FIELD, &(LATEST + 1).to_string())
         .await
-        .expect("stamped");
-    assert_eq!(stamped, LATEST);
-    let _: () = redis::cmd("HSET")
-        .arg(migrate::meta_key(&gw.prefix))
-        .arg("keyspace_version")
-        .arg(LATEST + 1)
-        .query_async(&mut conn)
-        .await
-        .expect("hset");
+        .expect("meta");
     assert!(matches!(
-        migrate::check(&store, &gw.prefix).await,
+        migrate::check(store).await,
         Err(MigrateError::Newer { .. })
     ));
 }
@@ -197,8 +174,8 @@ async fn stats_report_entries_bytes_and_the_ledger() {
     let s1 = f64::from(fake_vendor::tokens(SMALL, &text("s1")).expect("tokens"));
     assert_eq!(wait_for_metric(&gw, &saved, s1).await, s1);
 
-    let store = store_for(&gw);
-    let stats = embgate::stats::collect(&store, &gw.prefix, [SMALL])
+    let store = gw.store.as_ref();
+    let stats = embgate::stats::collect(store, [SMALL])
         .await
         .expect("stats");
     assert_eq!(stats.total.entries, 4);
@@ -423,25 +400,33 @@ async fn keys_never_reach_the_logs() {
 /// range of keys it answers, in order, absent keys as `None`.
 #[tokio::test]
 async fn large_lookups_come_back_in_order_chunk_by_chunk() {
-    use embgate::store::MGET_CHUNK_KEYS;
+    use embgate::cache::key::KeyHash;
+    use embgate::cache::store::redis::MGET_CHUNK_KEYS;
     use futures_util::StreamExt;
 
     let gw = TestGateway::start().await;
-    let store = store_for(&gw);
     let n = 2 * MGET_CHUNK_KEYS + 88;
-    let keys: Vec<String> = (0..n)
-        .map(|i| format!("{}:chunked:{i}", gw.prefix))
+    let keys: Vec<KeyHash> = (0..n)
+        .map(|i| {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            KeyHash(k)
+        })
         .collect();
     // Every third key is never stored.
-    let stored: Vec<(String, bytes::Bytes)> = keys
+    let stored: Vec<(KeyHash, bytes::Bytes)> = keys
         .iter()
         .enumerate()
         .filter(|(i, _)| i % 3 != 0)
-        .map(|(i, k)| (k.clone(), bytes::Bytes::from(format!("value {i}"))))
+        .map(|(i, k)| (*k, bytes::Bytes::from(format!("value {i}"))))
         .collect();
-    store.put_many(&stored).await.expect("stored");
+    gw.store.put_many(stored).await.expect("stored");
 
-    let chunks: Vec<_> = store.get_chunks(&keys).collect().await;
+    let chunks: Vec<_> = gw
+        .store
+        .get_many(&keys, Duration::from_secs(5))
+        .collect()
+        .await;
     let ranges: Vec<_> = chunks.iter().map(|(r, _)| r.clone()).collect();
     assert_eq!(
         ranges,
@@ -460,11 +445,4 @@ async fn large_lookups_come_back_in_order_chunk_by_chunk() {
         let expected = (i % 3 != 0).then(|| bytes::Bytes::from(format!("value {i}")));
         assert_eq!(value, &expected, "key {i}");
     }
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let mut conn = store.connection();
-    let _: () = redis::cmd("DEL")
-        .arg(&keys)
-        .query_async(&mut conn)
-        .await
-        .expect("cleaned up");
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use embgate::entry::Entry;
+use embgate::cache::entry::Entry;
 use embgate::protocol::Input;
 use fake_vendor::{FakeVendor, Fault, InputItem};
 use serde_json::{Value, json};
@@ -202,15 +202,14 @@ async fn a_vendor_failing_for_good_returns_its_last_error_and_caches_nothing() {
     let err: Value = response.json().await.expect("json");
     assert_eq!(err["error"]["code"], "rate_limit_exceeded");
     assert_eq!(gw.vendor.embedding_requests().len(), 3);
-    assert!(gw.keys().await.is_empty());
+    assert!(gw.entries().await.is_empty());
 }
 
 #[tokio::test]
 async fn a_corrupt_entry_is_served_fresh_and_repaired() {
     let gw = TestGateway::start().await;
     let input = Input::Text("fragile".into());
-    let key = gw.redis_key(SMALL, Some(8), &input);
-    let mut conn = gw.redis().await;
+    let key = gw.key(SMALL, Some(8), &input);
     // A foreign value, then a valid entry of another key copied here.
     let other = key_hash(
         &gw.vendor.base_url(),
@@ -220,12 +219,7 @@ async fn a_corrupt_entry_is_served_fresh_and_repaired() {
     );
     let impostor = Entry::encode(&other, SMALL, &[0.5; 8], 1);
     for planted in [b"[0.1,0.2]".to_vec(), impostor.as_bytes().to_vec()] {
-        let _: () = redis::cmd("SET")
-            .arg(&key)
-            .arg(planted)
-            .query_async(&mut conn)
-            .await
-            .expect("plant");
+        gw.put_raw(key, planted).await;
         let (cache, body) = gw
             .embed(&json!({"model": SMALL, "input": "fragile", "dimensions": 8}))
             .await;
@@ -234,16 +228,8 @@ async fn a_corrupt_entry_is_served_fresh_and_repaired() {
             vectors(&body)[0],
             vendor_vector(SMALL, Some(8), &text("fragile"))
         );
-        let stored: Vec<u8> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .expect("get");
-        let hash = key_hash(&gw.vendor.base_url(), SMALL, Some(8), &input);
-        assert!(
-            Entry::decode(&hash, stored.into(), Some(8)).is_ok(),
-            "repaired"
-        );
+        let stored = gw.raw(&key).await.expect("stored");
+        assert!(Entry::decode(&key, stored, Some(8)).is_ok(), "repaired");
         let (cache, _) = gw
             .embed(&json!({"model": SMALL, "input": "fragile", "dimensions": 8}))
             .await;
@@ -268,14 +254,15 @@ async fn with_redis_down_the_gateway_serves_from_the_vendor() {
         ],
     )
     .await;
-    for _ in 0..2 {
+    for i in 0..2 {
+        let input = format!("no cache today {i}");
         let (cache, body) = gw
-            .embed(&json!({"model": SMALL, "input": "no cache today", "dimensions": 8}))
+            .embed(&json!({"model": SMALL, "input": input, "dimensions": 8}))
             .await;
         assert_eq!(cache, "miss");
         assert_eq!(
             vectors(&body)[0],
-            vendor_vector(SMALL, Some(8), &text("no cache today"))
+            vendor_vector(SMALL, Some(8), &text(&input))
         );
     }
     let ready = gw
@@ -399,8 +386,8 @@ async fn shutdown_finishes_in_flight_requests_and_their_writes() {
     gw.shutdown().await;
     let response = pending.await.expect("task").expect("answered");
     assert_eq!(response.status(), 200);
-    let key = gw.redis_key(SMALL, Some(8), &Input::Text("last words".into()));
-    assert_eq!(gw.keys().await, vec![key], "its entry was stored");
+    let key = gw.key(SMALL, Some(8), &Input::Text("last words".into()));
+    assert_eq!(gw.entries().await, vec![key], "its entry was stored");
     // No new connections are accepted.
     assert!(
         gw.http

@@ -202,14 +202,13 @@ async fn fills_the_cache_fetching_each_distinct_input_once() {
     assert!((summary.usd_paid - usd_paid).abs() < 1e-12, "{summary:?}");
     assert!((summary.usd_saved - usd_saved).abs() < 1e-12, "{summary:?}");
     assert!(summary.unpriced_models.is_empty());
-    let store = embgate::store::Store::connect_lazy(&settings.store).expect("store");
-    let ledger =
-        embgate::ledger::read_ledger(&store, &embgate::ledger::ledger_key(&scratch.prefix))
-            .await
-            .expect("ledger");
+    let store = embgate::cache::store::open(&settings.store).expect("store");
+    let ledger = embgate::accounting::ledger::read_ledger(store.as_ref(), None)
+        .await
+        .expect("ledger");
     let spent: f64 = ledger
         .iter()
-        .filter(|(account, _)| account.kind == embgate::ledger::Kind::SpentTokens)
+        .filter(|(account, _)| account.kind == embgate::accounting::ledger::Kind::SpentTokens)
         .map(|(_, tokens)| tokens)
         .sum();
     assert_eq!(
@@ -248,8 +247,8 @@ async fn fills_the_cache_fetching_each_distinct_input_once() {
             InputItem::Text(t) => Input::Text(t.clone()),
             InputItem::Tokens(t) => Input::Tokens(t.clone()),
         };
-        let key = gw.redis_key(case.model, case.dimensions, &input);
-        assert!(gw.keys().await.contains(&key), "{case:?} stored");
+        let key = gw.key(case.model, case.dimensions, &input);
+        assert!(gw.entries().await.contains(&key), "{case:?} stored");
         let (cache, body) = gw.embed(&case.body()).await;
         assert_eq!(cache, "hit", "{case:?}");
         assert_eq!(

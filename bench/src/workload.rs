@@ -2,13 +2,13 @@
 //! bodies, and the Redis keys the gateway will look them up under.
 
 use bytes::Bytes;
-use embgate::key::KeyScope;
+use embgate::cache::key::{KeyLayout, KeyScope};
 use embgate::protocol::Input;
 
 pub const MODEL: &str = "text-embedding-3-small";
 pub const DIMS: usize = 1536;
 /// Bytes of one stored entry: header + f32 payload.
-pub const ENTRY_BYTES: usize = embgate::entry::HEADER_LEN + DIMS * 4;
+pub const ENTRY_BYTES: usize = embgate::cache::entry::HEADER_LEN + DIMS * 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -53,15 +53,15 @@ pub struct Keys {
 
 impl Keys {
     pub fn redis_key(&self, text: &str) -> String {
-        KeyScope {
+        let key = KeyScope {
             namespace: &self.namespace,
             model: MODEL,
             dimensions: None,
             extra: &[],
         }
         .hasher()
-        .key(&Input::Text(text.to_owned()))
-        .redis_key(&self.prefix)
+        .key(&Input::Text(text.to_owned()));
+        KeyLayout::new(&self.prefix).entry(&key)
     }
 }
 
@@ -98,7 +98,7 @@ impl Pool {
                     .collect();
                 // Chunked as the gateway's store chunks them.
                 distinct
-                    .chunks(embgate::store::MGET_CHUNK_KEYS)
+                    .chunks(embgate::cache::store::redis::MGET_CHUNK_KEYS)
                     .map(|chunk| {
                         let mut cmd = redis::cmd("MGET");
                         cmd.arg(chunk);

@@ -1,70 +1,68 @@
-//! Coalescing across gateway instances that share one Redis: a short lease
+//! Coalescing across gateway instances that share one store: a short lease
 //! per key decides which instance pays for it; the others wait for the
 //! entry to appear.
 
 use std::time::Duration;
 
-use super::{Embedder, Miss};
-use crate::entry::Entry;
-use crate::inflight::Promise;
-use crate::key::KeyHash;
+use super::{Miss, Pipeline};
+use crate::cache::entry::Entry;
+use crate::cache::health::Side;
+use crate::cache::inflight::Promise;
+use crate::cache::key::KeyHash;
 
 /// Keys this instance holds the fleet lease for, with their items.
 pub(super) struct Leased {
     pub(super) items: Vec<(Miss, Promise)>,
-    pub(super) leases: Vec<String>,
+    pub(super) leased: Vec<KeyHash>,
 }
 
-/// Coalescing across gateway instances through Redis leases.
-pub(super) struct FleetSettings {
+/// Coalescing across gateway instances through store leases.
+pub(super) struct Fleet {
     /// Identifies this process as a lease holder.
     pub(super) token: String,
     pub(super) lease: Duration,
     pub(super) poll: Duration,
 }
 
-impl Embedder {
-    /// Across gateway instances: takes a short Redis lease on each key; keys
-    /// leased by another instance are awaited (polling Redis) until stored,
-    /// or until the lease goes away, when this instance fetches them itself.
+impl Pipeline {
+    /// Takes a short lease on each key; keys leased by another instance are
+    /// awaited (polling the store) until stored, or until the lease goes
+    /// away, when this instance fetches them itself.
     pub(super) async fn wait_for_fleet(
         &self,
-        fleet: &FleetSettings,
+        fleet: &Fleet,
         dimensions: Option<u32>,
+        wait: Duration,
         items: Vec<(Miss, Promise)>,
     ) -> (Leased, Vec<(usize, Entry)>) {
-        let lease_keys: Vec<String> = items
-            .iter()
-            .map(|(m, _)| m.hash.lease_key(&self.key_prefix))
-            .collect();
-        let won = match self
-            .store
-            .try_leases(&lease_keys, &fleet.token, fleet.lease)
-            .await
-        {
+        let store = self.cache.store();
+        let health = self.cache.health();
+        let on_our_own = |items| {
+            let leased = Vec::new();
+            (Leased { items, leased }, Vec::new())
+        };
+        if !health.allow(Side::Write) {
+            return on_our_own(items);
+        }
+        let keys: Vec<KeyHash> = items.iter().map(|(m, _)| m.hash).collect();
+        let won = match store.try_leases(&keys, &fleet.token, fleet.lease).await {
             Ok(won) => won,
             Err(e) => {
-                self.store_failed("lease", &e);
-                return (
-                    Leased {
-                        items,
-                        leases: Vec::new(),
-                    },
-                    Vec::new(),
-                );
+                health.failed(Side::Write, "lease", &e);
+                return on_our_own(items);
             }
         };
         let mut ours = Leased {
             items: Vec::new(),
-            leases: Vec::new(),
+            leased: Vec::new(),
         };
         let mut theirs = Vec::new();
-        for ((item, key), won) in items.into_iter().zip(lease_keys).zip(won) {
+        for (item, won) in items.into_iter().zip(won) {
             if won {
+                ours.leased.push(item.0.hash);
                 ours.items.push(item);
-                ours.leases.push(key);
             } else {
-                theirs.push((item, key));
+                theirs.push(item);
             }
         }
 
@@ -72,31 +70,45 @@ impl Embedder {
         let deadline = tokio::time::Instant::now() + fleet.lease;
         while !theirs.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(fleet.poll).await;
-            let hashes: Vec<KeyHash> = theirs.iter().map(|((m, _), _)| m.hash).collect();
-            let found = self.lookup(&hashes, dimensions, true).await;
+            let hashes: Vec<KeyHash> = theirs.iter().map(|(m, _)| m.hash).collect();
+            let found = self.cache.lookup(&hashes, dimensions, wait, true).await;
             let mut waiting = Vec::new();
-            for (((miss, promise), key), entry) in theirs.into_iter().zip(found) {
+            for ((miss, promise), entry) in theirs.into_iter().zip(found) {
                 match entry {
                     Some(entry) => {
                         promise.fulfil(entry.clone());
                         shared.push((miss.slot, entry));
                     }
-                    None => waiting.push(((miss, promise), key)),
+                    None => waiting.push((miss, promise)),
                 }
             }
-            let keys: Vec<String> = waiting.iter().map(|(_, k)| k.clone()).collect();
-            let alive = self.store.exist_many(&keys).await.unwrap_or_default();
+            let keys: Vec<KeyHash> = waiting.iter().map(|(m, _)| m.hash).collect();
+            let held = store.leases_held(&keys).await.unwrap_or_default();
             theirs = Vec::new();
-            for (i, (item, key)) in waiting.into_iter().enumerate() {
-                if alive.get(i).copied().unwrap_or(false) {
-                    theirs.push((item, key));
+            for (i, item) in waiting.into_iter().enumerate() {
+                if held.get(i).copied().unwrap_or(false) {
+                    theirs.push(item);
                 } else {
-                    // The other instance gave up (or Redis is failing).
+                    // The other instance gave up (or the store is failing).
                     ours.items.push(item);
                 }
             }
         }
-        ours.items.extend(theirs.into_iter().map(|(item, _)| item));
+        ours.items.extend(theirs);
         (ours, shared)
+    }
+
+    pub(super) async fn release_leases(&self, fleet: &Fleet, leased: &[KeyHash]) {
+        if leased.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .cache
+            .store()
+            .release_leases(leased, &fleet.token)
+            .await
+        {
+            self.cache.health().failed(Side::Write, "lease", &e);
+        }
     }
 }

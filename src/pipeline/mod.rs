@@ -1,7 +1,8 @@
-//! The embedding pipeline: key every input, look all keys up in one round
-//! trip, fetch only the distinct misses (coalesced with concurrent requests,
-//! chunked to the vendor's limits), store what the vendor returned, and
-//! hand back one entry per input in the caller's order.
+//! The embedding pipeline, a thin coordinator: key every input, look the
+//! keys up in the [`Cache`], fetch only the distinct misses from the vendor
+//! ([`fetch`]; single-flight with concurrent requests, and across gateways
+//! with `coalesce.distributed`: [`fleet`]), and hand back one entry per
+//! input in the caller's order with an [`Outcome`] saying what happened.
 
 use std::collections::hash_map;
 use std::sync::Arc;
@@ -15,19 +16,18 @@ use tokio_util::task::TaskTracker;
 mod fetch;
 mod fleet;
 
-use fleet::FleetSettings;
+use fleet::Fleet;
 
+use crate::accounting::Accounting;
 use crate::auth::Caller;
+use crate::cache::Cache;
+use crate::cache::entry::Entry;
+use crate::cache::inflight::{self, Claim, Promise};
+use crate::cache::key::{KeyHash, KeyHashMap, KeyHashState, KeyScope};
 use crate::config::Settings;
-use crate::entry::Entry;
-use crate::inflight::{self, Claim, Inflight, Promise};
-use crate::key::{KeyHash, KeyHashMap, KeyHashState, KeyScope};
-use crate::l1::L1;
-use crate::ledger::Ledger;
-use crate::metrics::{Metrics, RequestCounters};
 use crate::protocol::EmbeddingRequest;
-use crate::store::{Store, StoreError};
-use crate::upstream::{CallerAuth, Upstream, UpstreamError, Upstreams};
+use crate::vendor::batch::BatchLimits;
+use crate::vendor::{CallerAuth, Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -82,37 +82,48 @@ impl CallContext {
     }
 }
 
-/// The result of embedding one request.
-pub struct Embedded {
+/// What embedding one request did.
+#[derive(Debug)]
+pub struct Outcome {
     /// One entry per request input, in the caller's order.
     pub entries: Vec<Entry>,
-    /// Tokens of the whole request as the vendor would bill them.
+    /// Distinct inputs (duplicates in a request share one key).
+    pub distinct: usize,
+    /// Distinct inputs found in the cache.
+    pub hits: usize,
+    /// Distinct inputs another request (or gateway) fetched meanwhile.
+    pub coalesced: usize,
+    /// Distinct inputs this request paid the vendor for.
+    pub fetched: usize,
+    /// Tokens the vendor billed this request.
+    pub billed_tokens: u64,
+    /// Tokens of the whole request as the vendor bills them.
     pub prompt_tokens: u64,
-    /// Tokens the vendor actually billed for this request.
-    pub upstream_tokens: u64,
-    pub cache: CacheStatus,
+    /// Of `prompt_tokens`, those of the inputs this request paid for.
+    pub fetched_tokens: u64,
 }
 
-/// Vendor batch limits.
-#[derive(Debug, Clone, Copy)]
-struct BatchLimits {
-    max_inputs: usize,
-    max_tokens: u64,
-    concurrency: usize,
+impl Outcome {
+    pub fn cache_status(&self) -> CacheStatus {
+        match self.fetched {
+            0 => CacheStatus::Hit,
+            n if n == self.distinct => CacheStatus::Miss,
+            _ => CacheStatus::Partial,
+        }
+    }
+
+    /// Tokens this request did not pay for: those of the inputs it did not
+    /// send upstream.
+    pub fn saved_tokens(&self) -> u64 {
+        self.prompt_tokens.saturating_sub(self.fetched_tokens)
+    }
 }
 
-pub struct Embedder {
-    store: Store,
-    upstreams: Upstreams,
-    metrics: Arc<Metrics>,
-    ledger: Arc<Ledger>,
-    l1: Option<L1>,
-    /// Looked up on every request that saved tokens.
-    prices: foldhash::HashMap<String, f64>,
-    key_prefix: String,
-    batch: BatchLimits,
-    inflight: Arc<Inflight>,
-    fleet: Option<FleetSettings>,
+pub struct Pipeline {
+    cache: Arc<Cache>,
+    accounting: Arc<Accounting>,
+    limits: BatchLimits,
+    fleet: Option<Fleet>,
     /// Fetches run as tasks so a caller hanging up never wastes a paid
     /// answer: it is still stored and shared with waiters.
     tasks: TaskTracker,
@@ -144,69 +155,25 @@ impl Fetched {
     }
 }
 
-impl Embedder {
-    pub fn new(
-        settings: &Settings,
-        store: Store,
-        upstreams: Upstreams,
-        metrics: Arc<Metrics>,
-        ledger: Arc<Ledger>,
-    ) -> Self {
-        Embedder {
-            store,
-            upstreams,
-            metrics,
-            ledger,
-            l1: L1::new(settings.l1.max_bytes),
-            prices: settings.prices.clone().into_iter().collect(),
-            key_prefix: settings.store.key_prefix.clone(),
-            batch: BatchLimits {
-                max_inputs: settings.upstream.max_inputs_per_call,
-                max_tokens: settings.upstream.max_tokens_per_call,
-                concurrency: settings.upstream.max_concurrency,
-            },
-            inflight: Arc::new(Inflight::default()),
-            fleet: settings.coalesce.distributed.then(|| FleetSettings {
-                token: format!("{:032x}", rand::random::<u128>()),
-                lease: Duration::from_millis(settings.coalesce.lease_ms),
-                poll: Duration::from_millis(settings.coalesce.poll_ms),
-            }),
-            tasks: TaskTracker::new(),
-        }
-    }
+/// A request's inputs as keys: duplicates share one slot.
+struct Keyed {
+    /// One key per slot.
+    hashes: Vec<KeyHash>,
+    /// The first input of each slot.
+    first_input: Vec<usize>,
+    /// The slot of each input.
+    input_slots: Vec<usize>,
+}
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    pub fn upstreams(&self) -> &Upstreams {
-        &self.upstreams
-    }
-
-    /// Waits for fetches still storing their results (graceful shutdown).
-    pub async fn drain(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
-    }
-
-    fn price(&self, model: &str) -> f64 {
-        self.prices.get(model).copied().unwrap_or(0.0)
-    }
-
-    pub async fn embed(
-        self: &Arc<Self>,
-        req: Arc<EmbeddingRequest>,
-        ctx: CallContext,
-    ) -> Result<Embedded, EmbedError> {
-        let counters = self.metrics.request_counters(&ctx.tenant, &req.model);
-        counters.tenant_requests.inc();
-        // Key every input; duplicates share one slot.
-        let hasher = KeyScope::of(&ctx.namespace, &req).hasher();
+impl Keyed {
+    fn new(req: &EmbeddingRequest, namespace: &str) -> Keyed {
+        let hasher = KeyScope::of(namespace, req).hasher();
+        let n = req.inputs.len();
         let mut slot_of: KeyHashMap<usize> =
-            KeyHashMap::with_capacity_and_hasher(req.inputs.len(), KeyHashState::default());
-        let mut hashes: Vec<KeyHash> = Vec::with_capacity(req.inputs.len());
-        let mut first_input: Vec<usize> = Vec::with_capacity(req.inputs.len());
-        let input_slots: Vec<usize> = req
+            KeyHashMap::with_capacity_and_hasher(n, KeyHashState::default());
+        let mut hashes = Vec::with_capacity(n);
+        let mut first_input = Vec::with_capacity(n);
+        let input_slots = req
             .inputs
             .iter()
             .enumerate()
@@ -219,149 +186,102 @@ impl Embedder {
                 }
             })
             .collect();
+        Keyed {
+            hashes,
+            first_input,
+            input_slots,
+        }
+    }
+}
 
-        let mut found = self.lookup(&hashes, req.dimensions, false).await;
+impl Pipeline {
+    pub fn new(settings: &Settings, cache: Arc<Cache>, accounting: Arc<Accounting>) -> Self {
+        Pipeline {
+            cache,
+            accounting,
+            limits: BatchLimits::of(&settings.upstream),
+            fleet: settings.coalesce.distributed.then(|| Fleet {
+                token: format!("{:032x}", rand::random::<u128>()),
+                lease: Duration::from_millis(settings.coalesce.lease_ms),
+                poll: Duration::from_millis(settings.coalesce.poll_ms),
+            }),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Waits for fetches still running, then for the cache writes they
+    /// started (graceful shutdown).
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.cache.drain().await;
+    }
+
+    /// The keys `req` has in `ctx`'s namespace, one per distinct input.
+    pub fn keys(req: &EmbeddingRequest, ctx: &CallContext) -> Vec<KeyHash> {
+        Keyed::new(req, &ctx.namespace).hashes
+    }
+
+    pub async fn embed(
+        self: &Arc<Self>,
+        req: Arc<EmbeddingRequest>,
+        ctx: CallContext,
+    ) -> Result<Outcome, EmbedError> {
+        let keyed = Keyed::new(&req, &ctx.namespace);
+        let wait = self.cache.lookup_wait(ctx.upstream.typical_latency());
+        let mut found = self
+            .cache
+            .lookup(&keyed.hashes, req.dimensions, wait, false)
+            .await;
         let misses: Vec<Miss> = found
             .iter()
             .enumerate()
             .filter(|(_, e)| e.is_none())
             .map(|(slot, _)| Miss {
                 slot,
-                hash: hashes[slot],
-                input: first_input[slot],
+                hash: keyed.hashes[slot],
+                input: keyed.first_input[slot],
             })
             .collect();
-        let model = req.model.as_str();
-        counters.hits.inc_by((hashes.len() - misses.len()) as u64);
-        counters.misses.inc_by(misses.len() as u64);
+        let hits = keyed.hashes.len() - misses.len();
 
-        let mut fetched = Fetched::default();
-        if !misses.is_empty() {
-            fetched = self.resolve_misses(&req, &ctx, misses).await?;
-            if !fetched.shared.is_empty() {
-                self.metrics
-                    .coalesced_inputs
-                    .with_label_values(&[model])
-                    .inc_by(fetched.shared.len() as u64);
-            }
-        }
-        let fetched_slots = fetched.entries.len();
-        let mut sent_tokens = 0u64;
+        let fetched = match misses.is_empty() {
+            true => Fetched::default(),
+            false => self.resolve_misses(&req, &ctx, misses, wait).await?,
+        };
+        let paid = fetched.entries.len();
+        let coalesced = fetched.shared.len();
+        let mut fetched_tokens = 0u64;
         for (slot, entry) in fetched.entries {
-            sent_tokens += u64::from(entry.tokens());
+            fetched_tokens += u64::from(entry.tokens());
             found[slot] = Some(entry);
         }
         for (slot, entry) in fetched.shared {
             found[slot] = Some(entry);
         }
 
-        let mut entries = Vec::with_capacity(input_slots.len());
-        for slot in input_slots {
+        let mut entries = Vec::with_capacity(keyed.input_slots.len());
+        for slot in keyed.input_slots {
             match &found[slot] {
                 Some(entry) => entries.push(entry.clone()),
                 None => return Err(EmbedError::Internal("an input was left unresolved".into())),
             }
         }
-        let prompt_tokens: u64 = entries.iter().map(|e| u64::from(e.tokens())).sum();
-        self.record_saved(
-            &counters,
-            &ctx.tenant,
-            model,
-            prompt_tokens.saturating_sub(sent_tokens),
-        );
-        let cache = match fetched_slots {
-            0 => CacheStatus::Hit,
-            n if n == hashes.len() => CacheStatus::Miss,
-            _ => CacheStatus::Partial,
-        };
-        Ok(Embedded {
+        let prompt_tokens = entries.iter().map(|e| u64::from(e.tokens())).sum();
+        Ok(Outcome {
             entries,
+            distinct: keyed.hashes.len(),
+            hits,
+            coalesced,
+            fetched: paid,
+            billed_tokens: fetched.billed_tokens,
             prompt_tokens,
-            upstream_tokens: fetched.billed_tokens,
-            cache,
+            fetched_tokens,
         })
-    }
-
-    /// The L1, then MGETs for the rest (`Store::get_chunks`). The keys of a
-    /// failing MGET are misses, and an entry that does not verify is a miss
-    /// (and gets overwritten). Repeated lookups (`again`) do not count the
-    /// same corrupt entry twice.
-    async fn lookup(
-        &self,
-        hashes: &[KeyHash],
-        dimensions: Option<u32>,
-        again: bool,
-    ) -> Vec<Option<Entry>> {
-        let mut found = vec![None; hashes.len()];
-        // Slots still to look up in Redis.
-        let mut wanted: Vec<usize> = Vec::with_capacity(hashes.len());
-        match &self.l1 {
-            Some(l1) => {
-                for (slot, hash) in hashes.iter().enumerate() {
-                    match l1.get(hash) {
-                        Some(entry) => found[slot] = Some(entry),
-                        None => wanted.push(slot),
-                    }
-                }
-                let hits = (hashes.len() - wanted.len()) as u64;
-                if hits > 0 {
-                    self.metrics.l1_hits.inc_by(hits);
-                }
-                if wanted.is_empty() {
-                    return found;
-                }
-            }
-            None => wanted.extend(0..hashes.len()),
-        }
-        let keys: Vec<String> = wanted
-            .iter()
-            .map(|slot| hashes[*slot].redis_key(&self.key_prefix))
-            .collect();
-        let mut chunks = std::pin::pin!(self.store.get_chunks(&keys));
-        let mut failed = None;
-        // Each chunk is checked as it arrives, while later ones are in transfer.
-        while let Some((range, values)) = chunks.next().await {
-            let values = match values {
-                Ok(values) => values,
-                // Its keys stay misses; the other chunks still count.
-                Err(e) => {
-                    failed.get_or_insert(e);
-                    continue;
-                }
-            };
-            for (i, value) in range.zip(values) {
-                let Some(bytes) = value else { continue };
-                let slot = wanted[i];
-                let hash = &hashes[slot];
-                match Entry::decode(hash, bytes, dimensions) {
-                    Ok(entry) => {
-                        if let Some(l1) = &self.l1 {
-                            l1.insert(*hash, entry.clone());
-                        }
-                        found[slot] = Some(entry);
-                    }
-                    Err(_) if again => {}
-                    Err(e) => {
-                        self.metrics
-                            .store_errors
-                            .with_label_values(&["decode"])
-                            .inc();
-                        tracing::warn!(key = %keys[i], error = %e, "discarding undecodable entry");
-                    }
-                }
-            }
-        }
-        match failed {
-            Some(e) => self.store_failed("get", &e),
-            None => self.metrics.store_up.set(1),
-        }
-        found
-    }
-
-    fn store_failed(&self, op: &str, e: &StoreError) {
-        self.metrics.store_errors.with_label_values(&[op]).inc();
-        self.metrics.store_up.set(0);
-        tracing::warn!(op, error = %e, "store failed; serving from the vendor");
     }
 
     /// Fetches the misses this request leads, and waits for the ones other
@@ -371,8 +291,9 @@ impl Embedder {
         req: &Arc<EmbeddingRequest>,
         ctx: &CallContext,
         misses: Vec<Miss>,
+        wait: Duration,
     ) -> Result<Fetched, EmbedError> {
-        let claims = self.inflight.claim(misses.iter().map(|m| m.hash));
+        let claims = self.cache.claim(misses.iter().map(|m| m.hash));
         let mut lead = Vec::new();
         let mut follow = Vec::new();
         for (miss, claim) in misses.into_iter().zip(claims) {
@@ -387,7 +308,7 @@ impl Embedder {
             let req = Arc::clone(req);
             let ctx = ctx.clone();
             self.tasks
-                .spawn(async move { this.lead(&req, &ctx, lead).await })
+                .spawn(async move { this.lead(&req, &ctx, lead, wait).await })
         });
         let followed = follow
             .into_iter()
@@ -422,14 +343,15 @@ impl Embedder {
     /// Leads the fetch of keys nobody in this process is fetching.
     async fn lead(
         &self,
-        req: &EmbeddingRequest,
+        req: &Arc<EmbeddingRequest>,
         ctx: &CallContext,
         lead: Vec<(Miss, Promise)>,
+        wait: Duration,
     ) -> Result<Fetched, UpstreamError> {
         // Another request may have stored some of these between our lookup
         // and our claim; looking again closes that window.
         let hashes: Vec<KeyHash> = lead.iter().map(|(m, _)| m.hash).collect();
-        let late = self.lookup(&hashes, req.dimensions, true).await;
+        let late = self.cache.lookup(&hashes, req.dimensions, wait, true).await;
         let mut shared = Vec::new();
         let mut pending = Vec::with_capacity(lead.len());
         for ((miss, promise), entry) in lead.into_iter().zip(late) {
@@ -442,39 +364,23 @@ impl Embedder {
             }
         }
 
-        let mut leases = Vec::new();
+        let mut leased = Vec::new();
         if let Some(fleet) = &self.fleet {
-            let (ours, from_fleet) = self.wait_for_fleet(fleet, req.dimensions, pending).await;
+            let (ours, from_fleet) = self
+                .wait_for_fleet(fleet, req.dimensions, wait, pending)
+                .await;
             shared.extend(from_fleet);
-            leases = ours.leases;
+            leased = ours.leased;
             pending = ours.items;
         }
 
         let items = pending.into_iter().map(|(m, p)| (m, Some(p))).collect();
         let result = self.fetch(req, ctx, items).await;
-        if let Some(fleet) = &self.fleet
-            && !leases.is_empty()
-            && let Err(e) = self.store.release_leases(&leases, &fleet.token).await
-        {
-            self.store_failed("lease", &e);
+        if let Some(fleet) = &self.fleet {
+            self.release_leases(fleet, &leased).await;
         }
         let mut fetched = result?;
         fetched.shared.extend(shared);
         Ok(fetched)
-    }
-
-    /// Tokens a request did not pay for: what it would have been billed
-    /// minus what it sent upstream.
-    fn record_saved(&self, counters: &RequestCounters, tenant: &str, model: &str, saved: u64) {
-        if saved == 0 {
-            return;
-        }
-        let price = self.price(model);
-        let usd = saved as f64 * price / 1e6;
-        counters.saved_tokens.inc_by(saved);
-        counters.saved_usd.inc_by(usd);
-        counters.tenant_saved_tokens.inc_by(saved);
-        counters.tenant_saved_usd.inc_by(usd);
-        self.ledger.record(tenant, model, saved, 0, price);
     }
 }

@@ -13,14 +13,17 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::accounting::Accounting;
 use crate::auth::Auth;
 use crate::body;
-use crate::entry::Entry;
+use crate::cache::entry::Entry;
+use crate::cache::health::SideState;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::passthrough;
-use crate::pipeline::{CallContext, Embedder};
+use crate::pipeline::{CallContext, Pipeline};
 use crate::protocol::{self, EmbeddingResponse, Limits};
+use crate::vendor::Upstreams;
 
 use self::track::TrackLayer;
 
@@ -32,7 +35,9 @@ const X_EMBGATE_UPSTREAM_TOKENS: HeaderName = HeaderName::from_static("x-embgate
 /// request is one reference count, not one per field.
 pub struct AppState {
     pub auth: Arc<Auth>,
-    pub embedder: Arc<Embedder>,
+    pub upstreams: Arc<Upstreams>,
+    pub pipeline: Arc<Pipeline>,
+    pub accounting: Arc<Accounting>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub max_body_bytes: usize,
@@ -71,21 +76,29 @@ async fn embeddings(
     drop(body);
     let model = request.model.clone();
     let format = request.encoding_format;
-    let upstream = Arc::clone(state.embedder.upstreams().route(&request.model));
+    let upstream = Arc::clone(state.upstreams.route(&request.model));
     // The caller's key is checked with a vendor that would take it: one
     // paid with its own key does not, so the default vendor judges then.
     let verifier = if upstream.has_own_key() {
-        state.embedder.upstreams().default()
+        state.upstreams.default()
     } else {
         &upstream
     };
     state.auth.admit(&caller, verifier).await?;
     let ctx = CallContext::new(upstream, caller, &request.model, &headers);
-    let embedded = state.embedder.embed(Arc::new(request), ctx).await?;
+    let tenant = Arc::clone(&ctx.tenant);
+    let outcome = match state.pipeline.embed(Arc::new(request), ctx).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            state.accounting.failed(&tenant, &model);
+            return Err(e.into());
+        }
+    };
+    state.accounting.served(&tenant, &model, &outcome);
 
-    let (cache, upstream_tokens) = (embedded.cache, embedded.upstream_tokens);
-    let vectors: Vec<Payload> = embedded.entries.into_iter().map(Payload).collect();
-    let response = EmbeddingResponse::new(model, vectors, format, embedded.prompt_tokens);
+    let (cache, upstream_tokens) = (outcome.cache_status(), outcome.billed_tokens);
+    let vectors: Vec<Payload> = outcome.entries.into_iter().map(Payload).collect();
+    let response = EmbeddingResponse::new(model, vectors, format, outcome.prompt_tokens);
     let body = body::render(response);
     let mut response = (
         [(
@@ -132,30 +145,27 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready means the store answers. When it does not, the gateway still
-/// serves (from the vendor), so this reports `degraded` with 503.
+/// Ready means the store takes both reads and writes. When it does not,
+/// the gateway still serves (from the vendor), so this reports `degraded`
+/// with 503 and what fails.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    match state.embedder.store().ping().await {
-        Ok(()) => {
-            state.metrics.store_up.set(1);
-            axum::Json(serde_json::json!({ "status": "ready", "store": "ok" })).into_response()
-        }
-        Err(e) => {
-            state
-                .metrics
-                .store_errors
-                .with_label_values(&["ping"])
-                .inc();
-            state.metrics.store_up.set(0);
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(serde_json::json!({
-                    "status": "degraded",
-                    "store": e.to_string(),
-                    "serving": "from the vendor, without cache",
-                })),
-            )
-                .into_response()
-        }
+    let readiness = state.pipeline.cache().readiness().await;
+    let describe = |side: &SideState| match side {
+        SideState::Ok => "ok".to_owned(),
+        SideState::Failing(e) => format!("failing: {e}"),
+        SideState::BreakerOpen(e) => format!("failing (not asked until the next probe): {e}"),
+    };
+    let body = serde_json::json!({
+        "status": if readiness.is_ready() { "ready" } else { "degraded" },
+        "store": readiness.store,
+        "reads": describe(&readiness.read),
+        "writes": describe(&readiness.write),
+    });
+    if readiness.is_ready() {
+        axum::Json(body).into_response()
+    } else {
+        let mut body = body;
+        body["serving"] = "from the vendor; what cannot be stored is fetched again".into();
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     }
 }

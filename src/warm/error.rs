@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::StartupError;
 use crate::pipeline::EmbedError;
-use crate::upstream::UpstreamError;
+use crate::vendor::UpstreamError;
 
 use super::WarmSummary;
 

@@ -146,15 +146,16 @@ pub async fn warm_until(
 
     let mut settings = settings.clone();
     settings.store.timeout_ms = settings.store.timeout_ms.max(MIN_STORE_TIMEOUT_MS);
-    let gateway = crate::Gateway::new(&settings)?;
-    let store = gateway.embedder.store();
+    settings.store.max_wait_ms = settings.store.max_wait_ms.max(MIN_STORE_TIMEOUT_MS);
+    let engine = crate::Engine::new(&settings)?;
+    let store = engine.store();
     store
         .ping()
         .await
         .map_err(|e| WarmError::StoreUnavailable(e.to_string()))?;
-    match crate::migrate::check(store, &settings.store.key_prefix).await {
+    match crate::migrate::check(store.as_ref()).await {
         Ok(()) => {}
-        Err(crate::migrate::MigrateError::Redis(e)) => {
+        Err(crate::migrate::MigrateError::Store(e)) => {
             return Err(WarmError::StoreUnavailable(e.to_string()));
         }
         Err(e) => return Err(WarmError::Keyspace(e)),
@@ -193,7 +194,9 @@ pub async fn warm_until(
     };
 
     let run = Run {
-        embedder: Arc::clone(&gateway.embedder),
+        pipeline: Arc::clone(&engine.pipeline),
+        upstreams: Arc::clone(&engine.upstreams),
+        accounting: Arc::clone(&engine.accounting),
         caller: Caller {
             tenant: Arc::from(options.tenant.as_str()),
             isolated: settings
@@ -203,7 +206,6 @@ pub async fn warm_until(
                 .is_some_and(|t| t.isolated),
             key: options.api_key.clone(),
         },
-        key_prefix: Arc::from(settings.store.key_prefix.as_str()),
     };
     let mut tracker = Tracker::new(start);
     let mut tally = Tally::default();
@@ -269,11 +271,8 @@ pub async fn warm_until(
             }
         }
     }
-    gateway.embedder.drain().await;
     // What this run paid and saved belongs in the all-time ledger too.
-    if let Err(e) = gateway.ledger.flush().await {
-        tracing::warn!(error = %e, "ledger not updated with this run's savings");
-    }
+    engine.finish().await;
     bar.finish_and_clear();
 
     summary.lines = tally.lines;
@@ -284,17 +283,7 @@ pub async fn warm_until(
     summary.tokens_saved = tally.tokens_saved;
     summary.usd_paid = tally.usd_paid;
     summary.usd_saved = tally.usd_saved;
-    summary.embedded = tally
-        .models
-        .iter()
-        .map(|m| {
-            gateway
-                .metrics
-                .upstream_inputs
-                .with_label_values(&[m.as_str()])
-                .get()
-        })
-        .sum();
+    summary.embedded = tally.embedded;
     summary.cached = summary.inputs.saturating_sub(summary.embedded);
     summary.unpriced_models = tally
         .models

@@ -9,11 +9,13 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::accounting::Accounting;
 use crate::auth::Caller;
+use crate::cache::key::KeyHash;
 use crate::config::Settings;
-use crate::key::KeyScope;
-use crate::pipeline::{CallContext, Embedder};
+use crate::pipeline::{CallContext, Pipeline};
 use crate::protocol::{EmbeddingRequest, EncodingFormat};
+use crate::vendor::Upstreams;
 
 use super::Stop;
 use super::checkpoint::{CHECKPOINT_VERSION, Checkpoint, Tracker, write_checkpoint};
@@ -44,9 +46,10 @@ pub(super) fn progress_bar(total: u64, done: u64, quiet: bool) -> ProgressBar {
 /// What a request needs besides its batch.
 #[derive(Clone)]
 pub(super) struct Run {
-    pub(super) embedder: Arc<Embedder>,
+    pub(super) pipeline: Arc<Pipeline>,
+    pub(super) upstreams: Arc<Upstreams>,
+    pub(super) accounting: Arc<Accounting>,
     pub(super) caller: Caller,
-    pub(super) key_prefix: Arc<str>,
 }
 
 /// A batch that is done: its inputs are in the cache.
@@ -59,6 +62,9 @@ pub(super) struct Finished {
     model: Option<String>,
     prompt_tokens: u64,
     upstream_tokens: u64,
+    saved_tokens: u64,
+    /// Distinct inputs the vendor embedded for this batch.
+    fetched: u64,
 }
 
 impl Finished {
@@ -73,6 +79,8 @@ impl Finished {
             model: None,
             prompt_tokens: 0,
             upstream_tokens: 0,
+            saved_tokens: 0,
+            fetched: 0,
         }
     }
 }
@@ -93,7 +101,7 @@ impl Run {
         let Some(group) = group else {
             return Ok(done);
         };
-        let upstream = Arc::clone(self.embedder.upstreams().route(&group.model));
+        let upstream = Arc::clone(self.upstreams.route(&group.model));
         if !upstream.has_own_key() && self.caller.key.is_none() {
             return Err(Stop::NoKey {
                 first: first_line,
@@ -115,24 +123,21 @@ impl Run {
             user: None,
             extra: Vec::new(),
         });
-        let keys: Vec<String> = {
-            let hasher = KeyScope::of(&ctx.namespace, &request).hasher();
-            let distinct: BTreeSet<_> = request.inputs.iter().map(|i| hasher.key(i)).collect();
-            distinct
-                .iter()
-                .map(|h| h.redis_key(&self.key_prefix))
-                .collect()
+        let keys = Pipeline::keys(&request, &ctx);
+        let tenant = Arc::clone(&ctx.tenant);
+        let outcome = match self.pipeline.embed(Arc::clone(&request), ctx).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.accounting.failed(&tenant, &request.model);
+                return Err(Stop::Vendor {
+                    first: first_line,
+                    last: last_line,
+                    model: request.model.clone(),
+                    error,
+                });
+            }
         };
-        let embedded = self
-            .embedder
-            .embed(Arc::clone(&request), ctx)
-            .await
-            .map_err(|error| Stop::Vendor {
-                first: first_line,
-                last: last_line,
-                model: request.model.clone(),
-                error,
-            })?;
+        self.accounting.served(&tenant, &request.model, &outcome);
         self.verify_stored(&keys)
             .await
             .map_err(|reason| Stop::Store {
@@ -142,16 +147,22 @@ impl Run {
             })?;
         done.inputs = request.inputs.len() as u64;
         done.model = Some(request.model.clone());
-        done.prompt_tokens = embedded.prompt_tokens;
-        done.upstream_tokens = embedded.upstream_tokens;
+        done.prompt_tokens = outcome.prompt_tokens;
+        done.upstream_tokens = outcome.billed_tokens;
+        done.saved_tokens = outcome.saved_tokens();
+        done.fetched = outcome.fetched as u64;
         Ok(done)
     }
 
-    async fn verify_stored(&self, keys: &[String]) -> Result<(), String> {
+    /// The pipeline stores in the background and serves on when the store
+    /// fails; a warm run must not count a batch as done before its entries
+    /// are in the store.
+    async fn verify_stored(&self, keys: &[KeyHash]) -> Result<(), String> {
+        let store = self.pipeline.cache().store();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = match self.embedder.store().exist_many(keys).await {
+            let outcome = match store.exist_many(keys).await {
                 Ok(found) => match found.iter().filter(|f| !**f).count() {
                     0 => return Ok(()),
                     missing => format!("{missing} of {} entries missing", keys.len()),
@@ -177,6 +188,7 @@ pub(super) struct Tally {
     pub(super) tokens_saved: u64,
     pub(super) usd_paid: f64,
     pub(super) usd_saved: f64,
+    pub(super) embedded: u64,
     pub(super) models: BTreeSet<String>,
 }
 
@@ -194,8 +206,9 @@ impl Tally {
         self.inputs += done.inputs;
         if let Some(model) = done.model {
             let price = settings.prices.get(&model).copied().unwrap_or(0.0);
-            let saved = done.prompt_tokens.saturating_sub(done.upstream_tokens);
+            let saved = done.saved_tokens;
             self.requests += 1;
+            self.embedded += done.fetched;
             self.prompt_tokens += done.prompt_tokens;
             self.tokens_paid += done.upstream_tokens;
             self.tokens_saved += saved;

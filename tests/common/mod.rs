@@ -1,14 +1,20 @@
-//! Shared harness: a gateway served on a free loopback port, against the real
-//! Redis (its own key prefix per test) and the fake vendor.
+//! Shared harness: a gateway served on a free loopback port, against a real
+//! store (Redis with its own key prefix per test) and the fake vendor.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use bytes::Bytes;
+use embgate::cache::key::{KeyHash, KeyLayout, KeyScope};
+use embgate::cache::store::{self, Cursor, Store};
 use embgate::config::Settings;
-use embgate::key::{KeyHash, KeyScope};
+use embgate::metrics::Metrics;
 use embgate::protocol::Input;
 use fake_vendor::{FakeVendor, InputItem};
+use futures_util::StreamExt as _;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -35,6 +41,9 @@ pub struct TestGateway {
     pub vendor: FakeVendor,
     pub prefix: String,
     pub settings: Settings,
+    /// The gateway's own store, for looking at what it holds.
+    pub store: Arc<dyn Store>,
+    pub cache: Arc<embgate::cache::Cache>,
     pub http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<()>>,
@@ -55,6 +64,8 @@ impl TestGateway {
             ("EMBGATE__STORE__KEY_PREFIX".into(), prefix.clone()),
             // Generous: the shared test machine may be busy.
             ("EMBGATE__STORE__TIMEOUT_MS".into(), "2000".into()),
+            ("EMBGATE__STORE__MAX_WAIT_MS".into(), "2000".into()),
+            ("EMBGATE__STORE__WRITE_TIMEOUT_MS".into(), "5000".into()),
             ("EMBGATE__UPSTREAM__BASE_URL".into(), vendor.base_url()),
             // Tests exercise the Redis path; the L1 test turns it on.
             ("EMBGATE__L1__MAX_BYTES".into(), "0".into()),
@@ -64,7 +75,12 @@ impl TestGateway {
         }
         let settings = Settings::load_from(None, Some(vars)).expect("test settings");
         let prefix = settings.store.key_prefix.clone();
-        let gateway = embgate::Gateway::new(&settings).expect("gateway");
+        let store = store::open(&settings.store).expect("store");
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let engine =
+            embgate::Engine::with_store(&settings, Arc::clone(&store), metrics).expect("engine");
+        let cache = Arc::clone(&engine.cache);
+        let gateway = embgate::Gateway::on(&settings, engine).expect("gateway");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -82,6 +98,8 @@ impl TestGateway {
             vendor,
             prefix,
             settings,
+            store,
+            cache,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -139,9 +157,51 @@ impl TestGateway {
         metric_value(&self.metrics().await, sample)
     }
 
-    /// The Redis key the gateway uses for `input`.
-    pub fn redis_key(&self, model: &str, dimensions: Option<u32>, input: &Input) -> String {
-        key_hash(&self.vendor.base_url(), model, dimensions, input).redis_key(&self.prefix)
+    /// The key the gateway uses for `input` at the fake vendor.
+    pub fn key(&self, model: &str, dimensions: Option<u32>, input: &Input) -> KeyHash {
+        key_hash(&self.vendor.base_url(), model, dimensions, input)
+    }
+
+    /// The name the entry of `key` has in Redis.
+    pub fn redis_key(&self, key: &KeyHash) -> String {
+        KeyLayout::new(&self.prefix).entry(key)
+    }
+
+    /// The keys of every entry the store holds, once the writes in flight
+    /// are done (entries are stored after the answer goes out).
+    pub async fn entries(&self) -> Vec<KeyHash> {
+        self.cache.settled().await;
+        let mut keys = Vec::new();
+        let mut cursor = Cursor::start();
+        loop {
+            let (next, heads) = self.store.scan_heads(&cursor, 1000, 0).await.expect("scan");
+            keys.extend(heads.into_iter().map(|h| h.hash));
+            if next.is_start() {
+                keys.sort();
+                return keys;
+            }
+            cursor = next;
+        }
+    }
+
+    /// The stored bytes of one entry.
+    pub async fn raw(&self, key: &KeyHash) -> Option<Bytes> {
+        self.cache.settled().await;
+        let (_, values) = self
+            .store
+            .get_many(std::slice::from_ref(key), Duration::from_secs(5))
+            .next()
+            .await
+            .expect("one chunk");
+        values.expect("store answers").pop().flatten()
+    }
+
+    /// Stores `bytes` as the entry of `key`, bypassing the gateway.
+    pub async fn put_raw(&self, key: KeyHash, bytes: impl Into<Bytes>) {
+        self.store
+            .put_many(vec![(key, bytes.into())])
+            .await
+            .expect("stored");
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
@@ -152,17 +212,9 @@ impl TestGateway {
             .expect("redis connection")
     }
 
-    /// The cache entries under this gateway's prefix.
-    pub async fn keys(&self) -> Vec<String> {
-        self.keys_matching(&format!("{}:v1:*", self.prefix)).await
-    }
-
-    /// Every key under this gateway's prefix (entries, ledger, leases, meta).
+    /// Every Redis key under this gateway's prefix (entries, ledger, leases, meta).
     pub async fn all_keys(&self) -> Vec<String> {
-        self.keys_matching(&format!("{}:*", self.prefix)).await
-    }
-
-    async fn keys_matching(&self, pattern: &str) -> Vec<String> {
+        let pattern = format!("{}:*", self.prefix);
         let mut conn = self.redis().await;
         let mut keys: Vec<String> = Vec::new();
         let mut cursor: u64 = 0;
@@ -170,7 +222,7 @@ impl TestGateway {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(pattern)
+                .arg(&pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut conn)

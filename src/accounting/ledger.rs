@@ -1,18 +1,18 @@
 //! The all-time ledger of tokens and dollars saved and spent, per model and
-//! tenant, kept in Redis so the totals survive restarts (Prometheus counters
-//! start again at zero).
+//! tenant, kept in the store so the totals survive restarts (Prometheus
+//! counters start again at zero) and add up across gateways sharing it.
 //!
 //! Requests only add to an in-memory tally; a background task flushes it
-//! with one pipelined batch of HINCRBY/HINCRBYFLOAT every few seconds (and
-//! at shutdown), then reads the whole ledger back into gauges. A failed
-//! flush keeps the tally for the next one, so nothing is lost while Redis
-//! is away.
+//! as one atomic batch of increments every few seconds (and at shutdown),
+//! then reads the whole ledger back into gauges. A failed flush keeps the
+//! tally for the next one, so nothing is lost while the store is away.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use crate::cache::store::{Increment, Store, StoreError};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
 
 /// The four quantities the ledger tracks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,7 +68,7 @@ pub struct Account {
 }
 
 impl Account {
-    /// The Redis hash field: `kind \t tenant \t model` (the model last, so
+    /// The ledger field: `kind \t tenant \t model` (the model last, so
     /// any character in it survives).
     fn field(&self) -> String {
         format!("{}\t{}\t{}", self.kind.as_str(), self.tenant, self.model)
@@ -104,17 +104,15 @@ fn add_to(tally: &mut Tally, tenant: &str, model: &str, amounts: [f64; 4]) {
 }
 
 pub struct Ledger {
-    store: Store,
-    key: String,
+    store: Arc<dyn Store>,
     pending: Mutex<Tally>,
     metrics: Arc<Metrics>,
 }
 
 impl Ledger {
-    pub fn new(store: Store, key_prefix: &str, metrics: Arc<Metrics>) -> Ledger {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Ledger {
         Ledger {
             store,
-            key: ledger_key(key_prefix),
             pending: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -138,7 +136,7 @@ impl Ledger {
         add_to(&mut pending, tenant, model, amounts);
     }
 
-    /// Writes the tally to Redis; on failure it is kept for the next flush.
+    /// Writes the tally to the store; on failure it is kept for the next flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let batch: Vec<(Account, f64)> = {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -165,33 +163,22 @@ impl Ledger {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for (account, amount) in &batch {
-            if account.kind.is_tokens() {
-                pipe.cmd("HINCRBY")
-                    .arg(&self.key)
-                    .arg(account.field())
-                    .arg(*amount as i64)
-                    .ignore();
-            } else {
-                pipe.cmd("HINCRBYFLOAT")
-                    .arg(&self.key)
-                    .arg(account.field())
-                    .arg(*amount)
-                    .ignore();
-            }
-        }
-        let mut conn = self.store.connection();
-        let written = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            pipe.query_async::<()>(&mut conn),
-        )
-        .await;
-        let result = match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Redis(e)),
-            Err(_) => Err(StoreError::Timeout(std::time::Duration::from_secs(5))),
-        };
+        let increments = batch
+            .iter()
+            .map(|(account, amount)| {
+                let increment = if account.kind.is_tokens() {
+                    Increment::Int(*amount as i64)
+                } else {
+                    Increment::Float(*amount)
+                };
+                (account.field(), increment)
+            })
+            .collect();
+        let result =
+            match tokio::time::timeout(FLUSH_TIMEOUT, self.store.ledger_add(increments)).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Timeout(FLUSH_TIMEOUT)),
+            };
         if result.is_err() {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
             for (account, amount) in batch {
@@ -203,9 +190,9 @@ impl Ledger {
         result
     }
 
-    /// Reads the whole ledger from Redis.
+    /// Reads the whole ledger from the store.
     pub async fn read(&self) -> Result<Vec<(Account, f64)>, StoreError> {
-        read_ledger(&self.store, &self.key).await
+        read_ledger(self.store.as_ref(), Some(&self.metrics)).await
     }
 
     /// Flushes, then mirrors the ledger into the `embgate_ledger_*` gauges.
@@ -226,20 +213,35 @@ impl Ledger {
     }
 }
 
-pub fn ledger_key(key_prefix: &str) -> String {
-    format!("{key_prefix}:ledger")
-}
+/// How long a flush may take.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn read_ledger(store: &Store, key: &str) -> Result<Vec<(Account, f64)>, StoreError> {
-    let mut conn = store.connection();
-    let fields: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(key)
-        .query_async(&mut conn)
-        .await?;
-    let mut lines: Vec<(Account, f64)> = fields
-        .into_iter()
-        .filter_map(|(field, value)| Some((Account::parse(&field)?, value.parse().ok()?)))
-        .collect();
+/// Every ledger line, sorted by model, tenant and kind. A field that does
+/// not parse (written by something else, or damaged) is skipped, and
+/// counted in `embgate_store_errors_total{op="ledger_field"}` when
+/// `metrics` is given: one bad field must not hide the others.
+pub async fn read_ledger(
+    store: &dyn Store,
+    metrics: Option<&Metrics>,
+) -> Result<Vec<(Account, f64)>, StoreError> {
+    let fields = store.ledger_read().await?;
+    let mut lines = Vec::with_capacity(fields.len());
+    for (field, value) in fields {
+        let parsed =
+            Account::parse(&field).zip(value.parse::<f64>().ok().filter(|v| v.is_finite()));
+        match parsed {
+            Some(line) => lines.push(line),
+            None => {
+                if let Some(metrics) = metrics {
+                    metrics
+                        .store_errors
+                        .with_label_values(&["ledger_field"])
+                        .inc();
+                }
+                tracing::debug!(field = %field.escape_debug(), "skipping a ledger field that does not parse");
+            }
+        }
+    }
     lines.sort_by(|a, b| {
         (&a.0.model, &a.0.tenant, a.0.kind.as_str()).cmp(&(
             &b.0.model,

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
-use crate::entry::Entry;
-use crate::key::{KeyHash, KeyHashMap};
+use crate::cache::entry::Entry;
+use crate::cache::key::{KeyHash, KeyHashMap};
 
 type Slot = watch::Receiver<Option<Entry>>;
 
@@ -68,9 +68,10 @@ impl Promise {
         &self.hash
     }
 
-    /// Hands the entry to every waiter. Dropping a promise unfulfilled tells
-    /// waiters to fetch for themselves.
-    pub fn fulfil(self, entry: Entry) {
+    /// Hands the entry to every waiter, and to every request that claims
+    /// the key while this promise is kept. Dropping a promise unfulfilled
+    /// tells waiters to fetch for themselves.
+    pub fn fulfil(&self, entry: Entry) {
         self.sender.send_replace(Some(entry));
     }
 }
@@ -118,6 +119,12 @@ mod tests {
         };
         pa.fulfil(entry.clone());
         drop(pb);
+        // Kept after fulfilling, a promise still answers new claims at once.
+        let Some(Claim::Follow(late)) = inflight.claim([a].into_iter()).pop() else {
+            panic!("a kept promise is followed");
+        };
+        assert_eq!(wait(late).await, Some(entry.clone()));
+        drop(pa);
         let mut waits = second.into_iter().map(|c| match c {
             Claim::Follow(slot) => wait(slot),
             Claim::Lead(_) => panic!("follower claim expected"),

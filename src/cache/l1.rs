@@ -4,8 +4,8 @@
 
 use moka::sync::Cache;
 
-use crate::entry::Entry;
-use crate::key::{KeyHash, KeyHashState};
+use crate::cache::entry::Entry;
+use crate::cache::key::{KeyHash, KeyHashState};
 
 /// Per-entry bookkeeping charged on top of the stored bytes.
 const OVERHEAD: u32 = 96;

@@ -1,20 +1,22 @@
-//! The vendor client: one `POST {base_url}/embeddings` per batch of misses,
-//! asking for base64 (exact f32 bytes), retried on 429/5xx/transport
-//! failures, and checked before anything is trusted.
+//! The client of one vendor endpoint: one `POST {base_url}/embeddings` per
+//! call, asking for base64 (exact f32 bytes), retried on 429/5xx/transport
+//! failures, its answer read within a size cap and checked
+//! ([`super::response`]) before anything is trusted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use base64::Engine as _;
 use bytes::Bytes;
+use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::response::{ERROR_BODY_LIMIT, check_response, read_capped, response_limit};
 use crate::auth::ApiKey;
-use crate::config::{Flavour, NamedUpstream, Settings, UpstreamSettings};
+use crate::config::{Flavour, NamedUpstream, UpstreamSettings};
 use crate::metrics::Metrics;
 use crate::protocol::Input;
 
@@ -35,6 +37,9 @@ pub enum UpstreamError {
     /// A 2xx answer that does not hold exactly the vectors asked for.
     #[error("vendor sent an invalid response: {0}")]
     InvalidResponse(String),
+    /// An answer larger than the call can legitimately need.
+    #[error("vendor sent more than {0} bytes, more than this call can need")]
+    TooLarge(u64),
 }
 
 impl UpstreamError {
@@ -44,7 +49,7 @@ impl UpstreamError {
                 *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
             }
             UpstreamError::Transport(_) | UpstreamError::Timeout(_) => true,
-            UpstreamError::InvalidResponse(_) => false,
+            UpstreamError::InvalidResponse(_) | UpstreamError::TooLarge(_) => false,
         }
     }
 
@@ -116,92 +121,57 @@ pub struct Upstream {
     deployments: HashMap<String, String>,
     settings: UpstreamSettings,
     metrics: Arc<Metrics>,
-}
-
-/// Every configured vendor, and which one serves a model.
-pub struct Upstreams {
-    default: Arc<Upstream>,
-    exact: HashMap<String, Arc<Upstream>>,
-    /// Longest prefix first.
-    prefixes: Vec<(String, Arc<Upstream>)>,
-}
-
-impl Upstreams {
-    pub fn new(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Upstreams, String> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()
-            .map_err(|e| format!("http client: {e}"))?;
-        let make = |name: &str, base_url: &str, api_key: &str, named: Option<&NamedUpstream>| {
-            Arc::new(Upstream {
-                name: name.to_owned(),
-                http: http.clone(),
-                base_url: base_url.trim_end_matches('/').to_owned(),
-                api_key: Some(api_key).filter(|k| !k.is_empty()).map(ApiKey::new),
-                flavour: named.map_or(Flavour::Openai, |n| n.flavour),
-                api_version: named.map_or_else(String::new, |n| n.api_version.clone()),
-                deployments: named.map_or_else(HashMap::new, |n| n.deployments.clone()),
-                settings: settings.upstream.clone(),
-                metrics: Arc::clone(metrics),
-            })
-        };
-        let default = make(
-            "default",
-            &settings.upstream.base_url,
-            &settings.upstream.api_key,
-            None,
-        );
-        let mut exact = HashMap::new();
-        let mut prefixes = Vec::new();
-        let mut names: Vec<&String> = settings.upstreams.keys().collect();
-        names.sort();
-        for name in names {
-            let named = &settings.upstreams[name];
-            let upstream = make(name, &named.base_url, &named.api_key, Some(named));
-            for pattern in named
-                .models
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-            {
-                match pattern.strip_suffix('*') {
-                    Some(prefix) => prefixes.push((prefix.to_owned(), Arc::clone(&upstream))),
-                    None => {
-                        exact.insert(pattern.to_owned(), Arc::clone(&upstream));
-                    }
-                }
-            }
-        }
-        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
-        Ok(Upstreams {
-            default,
-            exact,
-            prefixes,
-        })
-    }
-
-    /// The upstream serving `model`: an exact name, else the longest
-    /// prefix, else the default.
-    pub fn route(&self, model: &str) -> &Arc<Upstream> {
-        self.exact
-            .get(model)
-            .or_else(|| {
-                self.prefixes
-                    .iter()
-                    .find(|(p, _)| model.starts_with(p.as_str()))
-                    .map(|(_, u)| u)
-            })
-            .unwrap_or(&self.default)
-    }
-
-    /// The upstream that other routes are passed through to.
-    pub fn default(&self) -> &Arc<Upstream> {
-        &self.default
-    }
+    /// Moving average of successful calls' duration, in microseconds (0:
+    /// none yet); what waiting for the store instead of paying is weighed
+    /// against.
+    typical_micros: AtomicU64,
 }
 
 impl Upstream {
+    pub fn new(
+        name: &str,
+        http: reqwest::Client,
+        base_url: &str,
+        api_key: &str,
+        named: Option<&NamedUpstream>,
+        settings: &UpstreamSettings,
+        metrics: &Arc<Metrics>,
+    ) -> Upstream {
+        Upstream {
+            name: name.to_owned(),
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: Some(api_key).filter(|k| !k.is_empty()).map(ApiKey::new),
+            flavour: named.map_or(Flavour::Openai, |n| n.flavour),
+            api_version: named.map_or_else(String::new, |n| n.api_version.clone()),
+            deployments: named.map_or_else(HashMap::new, |n| n.deployments.clone()),
+            settings: settings.clone(),
+            metrics: Arc::clone(metrics),
+            typical_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// How long a successful call has recently taken; `None` before the first.
+    pub fn typical_latency(&self) -> Option<Duration> {
+        match self.typical_micros.load(Ordering::Relaxed) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
+
+    fn observe_success(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        // An exponential moving average weighting each new call 1/8; races
+        // between concurrent updates lose a sample, which is harmless.
+        let old = self.typical_micros.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.typical_micros.store(new.max(1), Ordering::Relaxed);
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -275,7 +245,9 @@ impl Upstream {
             return Ok(false);
         }
         let headers = Box::new(response.headers().clone());
-        let body = response.bytes().await.unwrap_or_default();
+        let body = read_capped(response, ERROR_BODY_LIMIT, timeout)
+            .await
+            .unwrap_or_default();
         Err(UpstreamError::Vendor {
             status,
             body,
@@ -355,23 +327,27 @@ impl Upstream {
 
         let response = result?;
         let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(e, timeout))?;
         if !status.is_success() {
+            let headers = Box::new(response.headers().clone());
+            let body = read_capped(response, ERROR_BODY_LIMIT, timeout).await?;
             return Err(UpstreamError::Vendor {
                 status,
-                body: bytes,
-                headers: Box::new(headers),
+                body,
+                headers,
             });
         }
-        check_response(&bytes, call.inputs.len(), call.dimensions)
+        let limit = response_limit(
+            call.inputs.len(),
+            call.dimensions.unwrap_or(self.settings.max_dimensions),
+        );
+        let bytes = read_capped(response, limit, timeout).await?;
+        let embeddings = check_response(&bytes, call.inputs.len(), call.dimensions)?;
+        self.observe_success(started.elapsed());
+        Ok(embeddings)
     }
 }
 
-fn transport_error(e: reqwest::Error, timeout: Duration) -> UpstreamError {
+pub(super) fn transport_error(e: reqwest::Error, timeout: Duration) -> UpstreamError {
     if e.is_timeout() {
         UpstreamError::Timeout(timeout)
     } else {
@@ -418,130 +394,9 @@ impl Serialize for Input {
     }
 }
 
-#[derive(Deserialize)]
-struct ResponseBody {
-    data: Vec<ResponseItem>,
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct ResponseItem {
-    index: usize,
-    embedding: Vector,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Vector {
-    Base64(String),
-    // f64 so that values beyond f32's range are caught, not silently inf.
-    Floats(Vec<f64>),
-}
-
-#[derive(Deserialize)]
-struct Usage {
-    prompt_tokens: u64,
-}
-
-/// Parses and checks a 2xx answer: count, indices, equal (and requested)
-/// dimensions, finite values. Anything off rejects the whole answer.
-fn check_response(
-    body: &[u8],
-    expected: usize,
-    dimensions: Option<u32>,
-) -> Result<Embeddings, UpstreamError> {
-    let bad = |m: String| Err(UpstreamError::InvalidResponse(m));
-    let parsed: ResponseBody = match serde_json::from_slice(body) {
-        Ok(p) => p,
-        Err(e) => return bad(format!("not an embeddings response: {e}")),
-    };
-    if parsed.data.len() != expected {
-        return bad(format!(
-            "{} embeddings for {expected} inputs",
-            parsed.data.len()
-        ));
-    }
-    let mut slots: Vec<Option<Vec<f32>>> = vec![None; expected];
-    for item in parsed.data {
-        let values = match item.embedding {
-            Vector::Base64(s) => {
-                let raw = match base64::engine::general_purpose::STANDARD.decode(s.as_bytes()) {
-                    Ok(raw) if raw.len() % 4 == 0 => raw,
-                    _ => return bad(format!("embedding {} is not base64 f32", item.index)),
-                };
-                raw.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect::<Vec<f32>>()
-            }
-            Vector::Floats(v) => v.into_iter().map(|x| x as f32).collect(),
-        };
-        if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
-            return bad(format!("embedding {} is empty or not finite", item.index));
-        }
-        match slots.get_mut(item.index) {
-            Some(slot @ None) => *slot = Some(values),
-            Some(Some(_)) => return bad(format!("index {} appears twice", item.index)),
-            None => return bad(format!("index {} out of range", item.index)),
-        }
-    }
-    let vectors: Vec<Vec<f32>> = slots.into_iter().flatten().collect();
-    let dims = vectors.first().map_or(0, Vec::len);
-    if vectors.iter().any(|v| v.len() != dims) {
-        return bad("embeddings of different lengths".to_owned());
-    }
-    if let Some(wanted) = dimensions.filter(|w| *w as usize != dims) {
-        return bad(format!("{dims} dimensions, {wanted} requested"));
-    }
-    Ok(Embeddings {
-        vectors,
-        prompt_tokens: parsed.usage.map(|u| u.prompt_tokens),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn b64(v: &[f32]) -> String {
-        let raw: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-        base64::engine::general_purpose::STANDARD.encode(raw)
-    }
-
-    #[test]
-    fn accepts_base64_and_floats_in_any_index_order() {
-        let body = format!(
-            r#"{{"data":[{{"index":1,"embedding":[0.5,1.0]}},{{"index":0,"embedding":"{}"}}],"usage":{{"prompt_tokens":9}}}}"#,
-            b64(&[0.25, -2.0])
-        );
-        let e = check_response(body.as_bytes(), 2, Some(2)).expect("valid");
-        assert_eq!(e.vectors, vec![vec![0.25, -2.0], vec![0.5, 1.0]]);
-        assert_eq!(e.prompt_tokens, Some(9));
-    }
-
-    #[test]
-    fn rejects_broken_answers() {
-        let cases = [
-            r#"{"data":[{"index":0,"embedding":[1.0]}]}"#, // count
-            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":0,"embedding":[1.0]}]}"#, // dup
-            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":2,"embedding":[1.0]}]}"#, // range
-            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":1,"embedding":[1.0,2.0]}]}"#, // dims
-            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":1,"embedding":[1e39]}]}"#, // inf
-            r#"{"data":[{"index":0,"embedding":[]},{"index":1,"embedding":[]}]}"#, // empty
-            r#"{"data":[{"index":0,"embedding":"@@"},{"index":1,"embedding":[1.0]}]}"#, // b64
-            r#"<html>bad gateway</html>"#,
-        ];
-        for body in cases {
-            assert!(
-                matches!(
-                    check_response(body.as_bytes(), 2, None),
-                    Err(UpstreamError::InvalidResponse(_))
-                ),
-                "{body}"
-            );
-        }
-        let ok = r#"{"data":[{"index":0,"embedding":[1.0]},{"index":1,"embedding":[1.0]}]}"#;
-        assert!(check_response(ok.as_bytes(), 2, Some(2)).is_err());
-    }
 
     #[test]
     fn reads_retry_after() {

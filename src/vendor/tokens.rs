@@ -6,8 +6,13 @@
 //! - Other models: the vendor's reported usage for the call is shared among
 //!   its inputs in proportion to their size (UTF-8 bytes, or 4 per token id),
 //!   with largest-remainder rounding so the parts add up to the billed total.
+//!
+//! Exact counts are taken once, before the vendor is paid: nothing that can
+//! fail runs between paying and storing what was paid for.
 
-use crate::protocol::Input;
+use std::sync::Arc;
+
+use crate::protocol::{EmbeddingRequest, Input};
 
 /// Whether `model` is tokenised with cl100k_base, so counts are exact.
 pub fn is_cl100k_model(model: &str) -> bool {
@@ -27,17 +32,27 @@ pub fn exact_count(model: &str, input: &Input) -> Option<u32> {
     }
 }
 
-/// Counts for one upstream call: exact where possible, otherwise the
-/// vendor's `billed` total shared out by size.
-pub fn counts_for_call(model: &str, inputs: &[&Input], billed: Option<u64>) -> Vec<u32> {
-    if is_cl100k_model(model) {
-        return inputs
-            .iter()
-            .map(|i| exact_count(model, i).unwrap_or(0))
-            .collect();
+/// Exact counts of the inputs at `indices` of `request`, tokenised on the
+/// blocking pool (a large batch takes milliseconds of CPU). `None` for a
+/// model without exact counts, or if tokenising failed: the vendor's
+/// reported usage is shared out then ([`apportion`]).
+pub async fn exact_counts(request: Arc<EmbeddingRequest>, indices: Vec<usize>) -> Option<Vec<u32>> {
+    if !is_cl100k_model(&request.model) {
+        return None;
     }
-    let weights: Vec<u64> = inputs.iter().map(|i| i.byte_len() as u64).collect();
-    apportion(billed.unwrap_or(0), &weights)
+    let count = move || {
+        indices
+            .iter()
+            .map(|i| exact_count(&request.model, request.inputs.get(*i)?))
+            .collect::<Option<Vec<u32>>>()
+    };
+    match tokio::task::spawn_blocking(count).await {
+        Ok(counts) => counts,
+        Err(e) => {
+            tracing::error!(error = %e, "token counting failed; sharing out the vendor's usage");
+            None
+        }
+    }
 }
 
 /// Splits `total` in proportion to `weights`; the parts sum to `total`.

@@ -92,19 +92,79 @@ fn field(h: &mut blake3::Hasher, bytes: &[u8]) {
 }
 
 impl KeyHash {
-    /// The Redis key: `<prefix>:v1:<hex>`.
-    pub fn redis_key(&self, prefix: &str) -> String {
-        let hex = blake3::Hash::from(self.0).to_hex();
-        let mut key = String::with_capacity(prefix.len() + 4 + hex.len());
-        key.push_str(prefix);
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from(self.0).to_hex().to_string()
+    }
+
+    /// The hash written as 64 hex digits, as [`KeyHash::to_hex`] writes it.
+    pub fn from_hex(hex: &str) -> Option<KeyHash> {
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| KeyHash(*h.as_bytes()))
+    }
+}
+
+/// Every name the gateway gives to what it stores, under one prefix:
+///
+/// ```text
+/// <prefix>:v1:<64 hex>     an entry (see `entry.rs`)
+/// <prefix>:lease:<64 hex>  the short lease of a gateway fetching that entry
+/// <prefix>:ledger          the all-time savings ledger (a hash)
+/// <prefix>:meta            the keyspace version and migration cursors (a hash)
+/// ```
+///
+/// Redis uses these names as keys; other stores keep their own tables but
+/// use the prefix to keep several keyspaces apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLayout {
+    prefix: String,
+}
+
+impl KeyLayout {
+    pub fn new(prefix: &str) -> KeyLayout {
+        KeyLayout {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The key of the entry for `hash`.
+    pub fn entry(&self, hash: &KeyHash) -> String {
+        let hex = blake3::Hash::from(hash.0).to_hex();
+        let mut key = String::with_capacity(self.prefix.len() + 4 + hex.len());
+        key.push_str(&self.prefix);
         key.push_str(":v1:");
         key.push_str(hex.as_str());
         key
     }
 
-    /// The key of the short lease a gateway holds while fetching this entry.
-    pub fn lease_key(&self, prefix: &str) -> String {
-        format!("{prefix}:lease:{}", blake3::Hash::from(self.0).to_hex())
+    /// The SCAN pattern matching every entry key.
+    pub fn entry_pattern(&self) -> String {
+        format!("{}:v1:*", self.prefix)
+    }
+
+    /// The hash of an entry key; `None` for any other key.
+    pub fn parse_entry(&self, key: &str) -> Option<KeyHash> {
+        let hex = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":v1:")?;
+        KeyHash::from_hex(hex)
+    }
+
+    /// The key of the short lease a gateway holds while fetching `hash`.
+    pub fn lease(&self, hash: &KeyHash) -> String {
+        format!("{}:lease:{}", self.prefix, hash.to_hex())
+    }
+
+    pub fn ledger(&self) -> String {
+        format!("{}:ledger", self.prefix)
+    }
+
+    pub fn meta(&self) -> String {
+        format!("{}:meta", self.prefix)
     }
 }
 
@@ -160,15 +220,21 @@ mod tests {
             .hasher()
             .key(&Input::Text("hello".into()));
         assert_eq!(
-            key.redis_key("p"),
+            KeyLayout::new("p").entry(&key),
             "p:v1:27b9de639408f183c42bf7bd825a1ce1b9ff71ad20c914a735a9a21133b4b9e7"
         );
     }
 
     #[test]
-    fn redis_key_layout() {
-        let k = KeyHash([0xab; 32]).redis_key("pfx");
+    fn layout_names_round_trip() {
+        let layout = KeyLayout::new("pfx");
+        let hash = KeyHash([0xab; 32]);
+        let k = layout.entry(&hash);
         assert!(k.starts_with("pfx:v1:abab"));
         assert_eq!(k.len(), "pfx:v1:".len() + 64);
+        assert_eq!(layout.parse_entry(&k), Some(hash));
+        assert_eq!(KeyLayout::new("pf").parse_entry(&k), None);
+        assert_eq!(layout.parse_entry("pfx:v1:zz"), None);
+        assert_eq!(layout.parse_entry(&layout.lease(&hash)), None);
     }
 }

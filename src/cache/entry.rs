@@ -1,6 +1,6 @@
 //! The stored form of one vector: a 32-byte header and the raw little-endian
 //! f32 values, so a hit is served (as base64 or floats) straight from the
-//! bytes Redis returned.
+//! bytes the store returned.
 //!
 //! ```text
 //! 0..2   magic "EG"
@@ -27,7 +27,7 @@ use std::hash::Hasher;
 use bytes::Bytes;
 use twox_hash::XxHash3_64;
 
-use crate::key::KeyHash;
+use crate::cache::key::KeyHash;
 
 pub const HEADER_LEN: usize = 32;
 pub const MAGIC: &[u8; 2] = b"EG";
@@ -95,7 +95,7 @@ impl Entry {
         if bytes.len() < HEADER_LEN {
             return Err(DecodeError::Short(bytes.len()));
         }
-        if &bytes[0..2] != MAGIC || bytes[2] != FORMAT_VERSION {
+        if !is_current_format(&bytes) {
             return Err(DecodeError::Foreign);
         }
         let dims = read_u32(&bytes[4..8]);
@@ -145,6 +145,22 @@ impl Entry {
     pub fn as_bytes(&self) -> &Bytes {
         &self.bytes
     }
+}
+
+/// Whether `bytes` start like an entry of the current format (without
+/// verifying it).
+pub fn is_current_format(bytes: &[u8]) -> bool {
+    bytes.len() >= 3 && &bytes[..2] == MAGIC && bytes[2] == FORMAT_VERSION
+}
+
+/// The model tag in the first bytes of a current-format entry (its header,
+/// as `embgate stats` reads it); `None` for others and for entries without
+/// a tag.
+pub fn model_tag_of_head(head: &[u8]) -> Option<u32> {
+    if head.len() < 16 || !is_current_format(head) {
+        return None;
+    }
+    Some(read_u32(&head[12..16])).filter(|t| *t != 0)
 }
 
 /// The tag identifying `model` in entry headers.

@@ -1,0 +1,211 @@
+//! What the cache saved and what the vendor cost, in tokens and dollars, by
+//! model and tenant: Prometheus counters ([`crate::metrics`]) for rates, and
+//! the all-time [`ledger`] kept in the store.
+//!
+//! The pipeline reports each vendor call as it is paid ([`Accounting::paid`]:
+//! money spent stays spent even if the request then fails or its caller
+//! hangs up), and each answered request's outcome
+//! ([`Accounting::served`]).
+//!
+//! Callers choose model names, so a model becomes a label (and a ledger
+//! line) only once it is known to be real: configured, priced, or answered
+//! by the vendor (a cache hit proves that too: the entry was paid for).
+//! Their number is bounded by `metrics.max_models`; past it, and before a
+//! model is known, it counts as [`OTHER`].
+
+pub mod ledger;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::pipeline::Outcome;
+
+use self::ledger::Ledger;
+
+/// The label of models not (yet) known, and of those past the bound.
+pub const OTHER: &str = "other";
+
+pub struct Accounting {
+    metrics: Arc<Metrics>,
+    ledger: Arc<Ledger>,
+    /// USD per 1M tokens; looked up on every request that saved tokens.
+    prices: foldhash::HashMap<String, f64>,
+    labels: ModelLabels,
+}
+
+impl Accounting {
+    pub fn new(
+        settings: &Settings,
+        configured_models: impl IntoIterator<Item = String>,
+        metrics: Arc<Metrics>,
+        ledger: Arc<Ledger>,
+    ) -> Accounting {
+        let known = settings
+            .prices
+            .keys()
+            .cloned()
+            .chain(configured_models)
+            .collect();
+        Accounting {
+            metrics,
+            ledger,
+            prices: settings.prices.clone().into_iter().collect(),
+            labels: ModelLabels::new(known, settings.metrics.max_models),
+        }
+    }
+
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// USD per 1M tokens of `model` (0 when unpriced).
+    pub fn price(&self, model: &str) -> f64 {
+        self.prices.get(model).copied().unwrap_or(0.0)
+    }
+
+    /// The vendor billed `tokens` for embedding `inputs` inputs of `model`.
+    pub fn paid(&self, tenant: &str, model: &str, tokens: u64, inputs: usize) {
+        let label = self.labels.learn(model);
+        let label = label.as_ref();
+        let price = self.price(model);
+        let usd = tokens as f64 * price / 1e6;
+        let m = &self.metrics;
+        m.upstream_tokens.with_label_values(&[label]).inc_by(tokens);
+        m.upstream_spent_usd.with_label_values(&[label]).inc_by(usd);
+        m.upstream_inputs
+            .with_label_values(&[label])
+            .inc_by(inputs as u64);
+        m.tenant_spent_usd
+            .with_label_values(&[tenant, label])
+            .inc_by(usd);
+        self.ledger.record(tenant, label, 0, tokens, price);
+    }
+
+    /// A request for `model` was answered with `outcome`.
+    pub fn served(&self, tenant: &str, model: &str, outcome: &Outcome) {
+        let label = self.labels.learn(model);
+        let counters = self.metrics.request_counters(tenant, &label);
+        counters.tenant_requests.inc();
+        counters.hits.inc_by(outcome.hits as u64);
+        counters
+            .misses
+            .inc_by((outcome.distinct - outcome.hits) as u64);
+        if outcome.coalesced > 0 {
+            self.metrics
+                .coalesced_inputs
+                .with_label_values(&[&label])
+                .inc_by(outcome.coalesced as u64);
+        }
+        let saved = outcome.saved_tokens();
+        if saved > 0 {
+            let price = self.price(model);
+            let usd = saved as f64 * price / 1e6;
+            counters.saved_tokens.inc_by(saved);
+            counters.saved_usd.inc_by(usd);
+            counters.tenant_saved_tokens.inc_by(saved);
+            counters.tenant_saved_usd.inc_by(usd);
+            self.ledger.record(tenant, &label, saved, 0, price);
+        }
+    }
+
+    /// A request for `model` failed before it could be answered.
+    pub fn failed(&self, tenant: &str, model: &str) {
+        let label = self.labels.label(model);
+        self.metrics
+            .request_counters(tenant, &label)
+            .tenant_requests
+            .inc();
+    }
+}
+
+/// Which model names may be labels.
+struct ModelLabels {
+    known: HashMap<String, Arc<str>>,
+    learned: RwLock<HashSet<Arc<str>>>,
+    max_learned: usize,
+    other: Arc<str>,
+}
+
+impl ModelLabels {
+    fn new(known: HashSet<String>, max_learned: usize) -> ModelLabels {
+        ModelLabels {
+            known: known
+                .into_iter()
+                .map(|m| {
+                    let label = Arc::from(m.as_str());
+                    (m, label)
+                })
+                .collect(),
+            learned: RwLock::new(HashSet::new()),
+            max_learned,
+            other: Arc::from(OTHER),
+        }
+    }
+
+    /// The label of `model`: itself when known, else [`OTHER`].
+    fn label(&self, model: &str) -> Arc<str> {
+        if let Some(label) = self.known.get(model) {
+            return Arc::clone(label);
+        }
+        let learned = self
+            .learned
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        learned
+            .get(model)
+            .map_or_else(|| Arc::clone(&self.other), Arc::clone)
+    }
+
+    /// `model` is real: it becomes its own label while there is room.
+    fn learn(&self, model: &str) -> Arc<str> {
+        let label = self.label(model);
+        if !Arc::ptr_eq(&label, &self.other) || model == OTHER {
+            return label;
+        }
+        let mut learned = self
+            .learned
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(label) = learned.get(model) {
+            return Arc::clone(label);
+        }
+        if learned.len() >= self.max_learned {
+            return label;
+        }
+        let label: Arc<str> = Arc::from(model);
+        learned.insert(Arc::clone(&label));
+        label
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded_and_only_for_real_models() {
+        let labels = ModelLabels::new(HashSet::from(["priced".to_owned()]), 2);
+        assert_eq!(&*labels.label("priced"), "priced");
+        assert_eq!(
+            &*labels.label("invented"),
+            OTHER,
+            "not known before success"
+        );
+        assert_eq!(&*labels.learn("a"), "a");
+        assert_eq!(&*labels.label("a"), "a");
+        assert_eq!(&*labels.learn("b"), "b");
+        assert_eq!(&*labels.learn("c"), OTHER, "past the bound");
+        assert_eq!(&*labels.learn("a"), "a");
+        assert_eq!(
+            &*labels.learn("priced"),
+            "priced",
+            "known models never count"
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! Where entries live: the store backends behind one trait.
+//!
+//! A backend keeps raw entry bytes by [`KeyHash`] (how it names them is its
+//! own business, through [`KeyLayout`](crate::cache::key::KeyLayout)), plus
+//! the small things a keyspace needs around them: its version and migration
+//! cursors (`meta`), the all-time ledger, and the leases gateways sharing it
+//! take while fetching. It never interprets an entry: checking one is
+//! `entry.rs`'s job, and failing open is the [`Cache`](crate::cache::Cache)'s.
+//!
+//! Methods return boxed `'static` futures so the trait can be used as
+//! `Arc<dyn Store>`; each call owns what it needs.
+
+pub mod redis;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+use crate::cache::key::{KeyHash, KeyLayout};
+use crate::config::StoreSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("embedded store: {0}")]
+    Embedded(String),
+}
+
+impl StoreError {
+    /// A store that is slow rather than failing.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StoreError::Timeout(_))
+    }
+}
+
+/// The values of one chunk of a lookup: the range of the keys asked for,
+/// and `None` where a key is absent.
+pub type Chunk = (Range<usize>, Result<Vec<Option<Bytes>>, StoreError>);
+
+/// One step of a walk: where the next starts, and what this one found.
+pub type Scanned<T> = Result<(Cursor, Vec<T>), StoreError>;
+
+/// What a store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreSize {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// An entry's key and its first bytes (at most the entry header) and
+/// length, as a scan for statistics sees it.
+#[derive(Debug, Clone)]
+pub struct EntryHead {
+    pub hash: KeyHash,
+    pub len: u64,
+    pub head: Bytes,
+}
+
+/// One step of a walk over every entry. A walk starts with
+/// [`Cursor::START`]; it is complete when a step returns [`Cursor::START`]
+/// again. Cursors are text so they can be saved (migrations resume from
+/// one) and mean something only to the backend that returned them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor(pub String);
+
+impl Cursor {
+    pub const START: &str = "0";
+
+    pub fn start() -> Cursor {
+        Cursor(Self::START.to_owned())
+    }
+
+    pub fn is_start(&self) -> bool {
+        self.0 == Self::START
+    }
+}
+
+/// An addition to one ledger field.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Increment {
+    Int(i64),
+    Float(f64),
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// Names the backend in logs and `/readyz`.
+    fn kind(&self) -> &'static str;
+
+    /// The values of `keys`, chunk by chunk as they arrive (in order), each
+    /// within `limit`. A failed chunk makes only its own keys misses.
+    fn get_many(&self, keys: &[KeyHash], limit: Duration) -> BoxStream<'static, Chunk>;
+
+    /// Stores every pair, without expiry.
+    fn put_many(&self, items: Vec<(KeyHash, Bytes)>) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Whether each key holds an entry.
+    fn exist_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<Vec<bool>, StoreError>>;
+
+    /// Whether the store answers reads.
+    fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Whether the store takes writes: a tiny write into `meta` (a store
+    /// that is full refuses it while reads still work).
+    fn probe_write(&self) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    fn size(&self) -> BoxFuture<'static, Result<StoreSize, StoreError>>;
+
+    /// Takes each lease nobody holds, for `ttl`; true where taken.
+    fn try_leases(
+        &self,
+        keys: &[KeyHash],
+        token: &str,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<Vec<bool>, StoreError>>;
+
+    /// Releases the leases still held with `token` (never another's).
+    fn release_leases(
+        &self,
+        keys: &[KeyHash],
+        token: &str,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Whether each lease is still held by anyone.
+    fn leases_held(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<Vec<bool>, StoreError>>;
+
+    fn meta_get(&self, field: &str) -> BoxFuture<'static, Result<Option<String>, StoreError>>;
+
+    fn meta_set(&self, field: &str, value: &str) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Sets `field` only if it has no value yet; true if it set it.
+    fn meta_set_new(
+        &self,
+        field: &str,
+        value: &str,
+    ) -> BoxFuture<'static, Result<bool, StoreError>>;
+
+    fn meta_delete(&self, field: &str) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Adds to ledger fields, all or nothing.
+    fn ledger_add(
+        &self,
+        increments: Vec<(String, Increment)>,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Every ledger field and its value, as stored.
+    fn ledger_read(&self) -> BoxFuture<'static, Result<Vec<(String, String)>, StoreError>>;
+
+    /// About `count` entries from `cursor` on, whole.
+    fn scan_entries(
+        &self,
+        cursor: &Cursor,
+        count: usize,
+    ) -> BoxFuture<'static, Scanned<(KeyHash, Bytes)>>;
+
+    /// About `count` entries from `cursor` on: their length and first
+    /// `head_len` bytes.
+    fn scan_heads(
+        &self,
+        cursor: &Cursor,
+        count: usize,
+        head_len: usize,
+    ) -> BoxFuture<'static, Scanned<EntryHead>>;
+
+    /// Replaces each value only if it is still `old`; returns how many were
+    /// replaced.
+    fn compare_and_set(
+        &self,
+        changes: Vec<(KeyHash, Bytes, Bytes)>,
+    ) -> BoxFuture<'static, Result<u64, StoreError>>;
+}
+
+/// Opens the store the settings name: Redis at `store.url`.
+pub fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
+    let layout = KeyLayout::new(&settings.key_prefix);
+    let store = redis::RedisStore::connect_lazy(&settings.url, layout, settings.write_timeout())?;
+    Ok(Arc::new(store))
+}
