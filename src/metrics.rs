@@ -70,6 +70,7 @@ pub struct Metrics {
     pub store_breaker_open: IntGaugeVec,
     pub store_skipped: IntCounterVec,
     pub store_timeouts: IntCounter,
+    pub store_pending_write_bytes: IntGauge,
     pub coalesced_inputs: IntCounterVec,
     pub tenant_requests: IntCounterVec,
     pub tenant_saved_tokens: IntCounterVec,
@@ -205,6 +206,10 @@ impl Metrics {
                 "embgate_store_skipped_total",
                 "Store operations skipped while the circuit breaker was open, by side (read|write).",
                 &["side"],
+            )?,
+            store_pending_write_bytes: int_gauge(
+                "embgate_store_pending_write_bytes",
+                "Bytes of fetched entries answered but not yet written to the store.",
             )?,
             store_timeouts: {
                 let c = IntCounter::new(

@@ -6,6 +6,8 @@ use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use futures_util::StreamExt as _;
+
 use crate::error::ApiError;
 
 /// A misbehaviour for the next embeddings request.
@@ -37,6 +39,9 @@ pub enum Fault {
     Delay(Duration),
     /// Close the connection without sending any response.
     CloseConnection,
+    /// 200 with a JSON body that never ends (a misbehaving vendor or
+    /// something in between): the client must stop reading at some bound.
+    EndlessBody,
 }
 
 /// Faults that alter an otherwise successful response body.
@@ -109,8 +114,24 @@ impl Fault {
                 corruption: None,
             },
             Fault::CloseConnection => Plan::Close,
+            Fault::EndlessBody => Plan::Raw(endless_body()),
         }
     }
+}
+
+/// `{"data":[{"index":0,"embedding":[0.1,0.1,...` forever, in 64 KiB parts.
+fn endless_body() -> Response {
+    let head = axum::body::Bytes::from_static(
+        b"{\"object\":\"list\",\"data\":[{\"index\":0,\"embedding\":[",
+    );
+    let part = axum::body::Bytes::from("0.1,".repeat(16 * 1024));
+    let parts = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) })
+        .chain(futures_util::stream::repeat(part).map(Ok::<_, std::io::Error>));
+    let mut response = Response::new(axum::body::Body::from_stream(parts));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// Applies a corruption to `(index, vector)` items.

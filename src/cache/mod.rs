@@ -225,12 +225,15 @@ impl Cache {
             .collect();
         let write = self.store.put_many(items);
         let pending_bytes = Arc::clone(&self.pending_write_bytes);
+        let gauge = self.metrics.store_pending_write_bytes.clone();
+        gauge.set(i64::try_from(pending).unwrap_or(i64::MAX));
         let health = Arc::clone(&self.health);
         let writing = Arc::clone(&self.writing);
         writing.send_modify(|n| *n += 1);
         self.writes.spawn(async move {
             let result = write.await;
-            pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            let left = pending_bytes.fetch_sub(bytes, Ordering::Relaxed) - bytes;
+            gauge.set(i64::try_from(left).unwrap_or(i64::MAX));
             writing.send_modify(|n| *n -= 1);
             match result {
                 Ok(()) => health.succeeded(Side::Write),

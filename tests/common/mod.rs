@@ -342,18 +342,39 @@ pub fn vectors(body: &Value) -> Vec<Vec<f32>> {
 /// killed and restarted without touching the shared one.
 pub struct OwnRedis {
     pub port: u16,
+    args: Vec<String>,
     child: Option<std::process::Child>,
 }
 
 impl OwnRedis {
     pub fn start() -> OwnRedis {
+        Self::start_with(&[])
+    }
+
+    /// With more `redis-server` arguments (e.g. `--maxmemory 2mb`).
+    pub fn start_with(args: &[&str]) -> OwnRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let mut redis = OwnRedis { port, child: None };
+        let mut redis = OwnRedis {
+            port,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            child: None,
+        };
         redis.restart();
         redis
+    }
+
+    /// Sends a signal to the server (`STOP` freezes it, `CONT` resumes it).
+    pub fn signal(&self, signal: &str) {
+        let Some(child) = &self.child else { return };
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal}");
     }
 
     pub fn url(&self) -> String {
@@ -374,6 +395,7 @@ impl OwnRedis {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed");
