@@ -22,6 +22,7 @@ pub mod migrations;
 pub mod passthrough;
 pub mod pipeline;
 pub mod protocol;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod signal;
@@ -46,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Embedder;
 use crate::protocol::Limits;
 use crate::routes::AppState;
+use crate::server::ServerLimits;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 
@@ -77,6 +79,7 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub ledger: Arc<Ledger>,
     sync_every: Duration,
+    limits: ServerLimits,
 }
 
 impl Gateway {
@@ -108,16 +111,22 @@ impl Gateway {
             max_body_bytes: settings.limits.max_body_bytes,
         };
         Ok(Gateway {
-            router: routes::router(state),
+            router: routes::router(state, settings.server.max_requests_in_flight),
             embedder,
             metrics,
             ledger,
             sync_every: Duration::from_secs(settings.ledger.sync_secs),
+            limits: ServerLimits {
+                header_read_timeout: settings.server.header_read_timeout(),
+                max_connections: settings.server.max_connections,
+                other_files: server::open_files::besides_connections(settings),
+                drain_timeout: settings.server.drain_timeout(),
+            },
         })
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests
-    /// and the cache writes they started.
+    /// and the cache writes they started, within `server.drain_timeout_secs`.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -139,9 +148,14 @@ impl Gateway {
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
         });
-        server::serve(listener, self.router, shutdown).await;
+        let deadline = server::serve(listener, self.router, self.limits, shutdown).await;
         // In-flight fetches finish and store before the ledger's last flush.
-        self.embedder.drain().await;
+        if tokio::time::timeout_at(deadline, self.embedder.drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain deadline passed: fetches still running are not stored");
+        }
         stop.cancel();
         let _ = housekeeping.await;
     }

@@ -11,6 +11,7 @@ use axum::http::HeaderMap;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 mod fetch;
 mod fleet;
@@ -386,8 +387,9 @@ impl Embedder {
             let this = Arc::clone(self);
             let req = Arc::clone(req);
             let ctx = ctx.clone();
+            // The request's span goes along, so the fetch's log lines name it.
             self.tasks
-                .spawn(async move { this.lead(&req, &ctx, lead).await })
+                .spawn(async move { this.lead(&req, &ctx, lead).await }.in_current_span())
         });
         let followed = follow
             .into_iter()

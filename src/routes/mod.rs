@@ -1,6 +1,7 @@
 //! HTTP routes: the cached embeddings endpoint, health, metrics, and
 //! everything else passed through to the vendor.
 
+mod limits;
 mod track;
 
 use std::sync::Arc;
@@ -21,8 +22,12 @@ use crate::metrics::Metrics;
 use crate::passthrough;
 use crate::pipeline::{CallContext, Embedder};
 use crate::protocol::{self, EmbeddingResponse, Limits};
+use crate::request_id::RequestIdLayer;
 
+use self::limits::{DeclaredLengthLayer, ShedLayer};
 use self::track::TrackLayer;
+
+pub use self::limits::is_body_too_large;
 
 // Built once: a header inserted by `&str` is parsed on every call.
 const X_EMBGATE_CACHE: HeaderName = HeaderName::from_static("x-embgate-cache");
@@ -38,7 +43,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The routes; at most `max_requests_in_flight` embeddings and passthrough
+/// requests are handled at once.
+pub fn router(state: AppState, max_requests_in_flight: usize) -> Router {
     let track = TrackLayer::new(&state.metrics);
     let max_body_bytes = state.max_body_bytes;
     Router::new()
@@ -46,12 +53,19 @@ pub fn router(state: AppState) -> Router {
             "/v1/embeddings",
             post(embeddings).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
         )
+        .fallback(passthrough::forward)
+        // Only on the routes above: health and metrics must answer while
+        // the gateway sheds load.
+        .layer(ShedLayer::new(max_requests_in_flight))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .fallback(passthrough::forward)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DeclaredLengthLayer::new(max_body_bytes))
+        // Outside the limits, so refused requests are counted and carry an
+        // id too.
         .layer(track)
+        .layer(RequestIdLayer::new())
         .with_state(Arc::new(state))
 }
 
