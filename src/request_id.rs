@@ -17,7 +17,6 @@ use std::task::{Context, Poll, ready};
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
-use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -57,8 +56,7 @@ impl Ids {
         let mut id = [0; 32];
         id[..16].copy_from_slice(&self.prefix);
         hex(mix(n.wrapping_add(self.key)), &mut id[16..]);
-        HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id))
-            .unwrap_or_else(|_| HeaderValue::from_static("0"))
+        HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 }
 
@@ -147,8 +145,14 @@ where
             .extensions()
             .get::<MatchedPath>()
             .map_or(request.uri().path(), MatchedPath::as_str);
-        let span =
-            tracing::info_span!("request", id = %shown, method = %request.method(), route = %route);
+        // At ERROR level, so it is on whenever any logging is: a warning
+        // under `RUST_LOG=warn` still names its request.
+        let span = tracing::error_span!(
+            "request",
+            id = %shown,
+            method = %request.method(),
+            route = %route,
+        );
         Stamped {
             inner: self.inner.call(request).instrument(span),
             id: Some(id),

@@ -13,10 +13,10 @@
 //! body however large (a 2048-input answer is 16 MB or more) and the
 //! connection keeps that buffer for its life.
 //!
-//! What a client can hold is bounded: hyper's header read timeout closes a
-//! connection that sends no complete request head in time, idle keep-alive
-//! ones included (a pooled client must let go of idle connections sooner,
-//! or race the close); at most [`ServerLimits::max_connections`] are open,
+//! What a client can hold is bounded: hyper's header read timeout (a clock
+//! read and a timer per request head) closes a connection that sends no
+//! complete request head in time, idle keep-alive ones included (a pooled
+//! client must let go of idle connections sooner, or race the close); at most [`ServerLimits::max_connections`] are open,
 //! more wait in the listen backlog (the cap is fitted to the open-file
 //! limit by [`open_files`]); and shutdown waits at most
 //! [`ServerLimits::drain_timeout`] for open requests.
