@@ -1,7 +1,8 @@
 //! Request ids: every answer carries `x-request-id`, the caller's own when
 //! it sent a sane one, else a fresh one; and every request runs in a
-//! `request` span carrying it, so each log line it causes (lookups, vendor
-//! calls, writes) names the request.
+//! `request` span carrying it (when [`SPAN_TARGET`] is logged at DEBUG), so
+//! each log line it causes (lookups, vendor calls, writes) names the
+//! request.
 //!
 //! A hand-written layer rather than tower-http's request-id layers: those
 //! keep whatever a caller sends (any length, any bytes), and the span would
@@ -26,6 +27,10 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The vendor's own id for the call that answered (passthrough, vendor
 /// errors): ours takes `x-request-id`.
 pub const X_VENDOR_REQUEST_ID: HeaderName = HeaderName::from_static("x-vendor-request-id");
+
+/// The target of the `request` span: `RUST_LOG=info,embgate::request=debug`
+/// turns it on alone.
+pub const SPAN_TARGET: &str = "embgate::request";
 
 /// Longest caller id kept; a longer one is replaced.
 pub const MAX_LEN: usize = 128;
@@ -139,25 +144,30 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let id = choose(&self.ids, request.headers());
-        // Checked above or made here: visible ASCII either way.
-        let shown = id.to_str().unwrap_or_default();
-        let route = request
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or(request.uri().path(), MatchedPath::as_str);
-        // At ERROR level, so it is on whenever any logging is: a warning
-        // under `RUST_LOG=warn` still names its request.
-        let span = tracing::error_span!(
+        // DEBUG, so that it costs nothing unless asked for: an enabled span
+        // is formatted, stored and entered on every poll, several times the
+        // cost of the id itself. The field values are only worked out then.
+        let span = tracing::debug_span!(
+            target: SPAN_TARGET,
             "request",
-            id = %shown,
+            // Checked or made here: visible ASCII either way.
+            id = %id.to_str().unwrap_or_default(),
             method = %request.method(),
-            route = %route,
+            route = %route(&request),
         );
         Stamped {
             inner: self.inner.call(request).instrument(span),
             id: Some(id),
         }
     }
+}
+
+/// The matched route, or the path of an unrouted (passthrough) request.
+fn route(request: &Request) -> &str {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(request.uri().path(), MatchedPath::as_str)
 }
 
 pin_project! {

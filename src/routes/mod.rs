@@ -13,6 +13,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower::ServiceBuilder;
 
 use crate::auth::Auth;
 use crate::body;
@@ -60,12 +61,16 @@ pub fn router(state: AppState, max_requests_in_flight: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(DeclaredLengthLayer::new(max_body_bytes))
-        // Outside the limits, so refused requests are counted and carry an
-        // id too.
-        .layer(track)
-        .layer(RequestIdLayer::new())
+        // One `layer` call: axum boxes each route's service once per call,
+        // and clones that box on every request. Outermost first; the
+        // limits inside, so refused requests are counted and carry an id.
+        .layer(
+            ServiceBuilder::new()
+                .layer(RequestIdLayer::new())
+                .layer(track)
+                .layer(DeclaredLengthLayer::new(max_body_bytes))
+                .layer(DefaultBodyLimit::max(max_body_bytes)),
+        )
         .with_state(Arc::new(state))
 }
 
