@@ -13,6 +13,12 @@ use serde::Deserialize;
 pub const DEFAULTS: &str = r#"
 listen = "0.0.0.0:8080"
 
+[server]
+header_read_timeout_secs = 30
+max_connections = 4096
+max_requests_in_flight = 1024
+drain_timeout_secs = 30
+
 [store]
 url = "redis://127.0.0.1:6379/0"
 key_prefix = "embgate"
@@ -68,6 +74,7 @@ max_input_bytes = 1048576
 pub struct Settings {
     /// Address the HTTP server binds.
     pub listen: String,
+    pub server: ServerSettings,
     pub store: StoreSettings,
     pub upstream: UpstreamSettings,
     pub limits: LimitSettings,
@@ -81,6 +88,23 @@ pub struct Settings {
     pub upstreams: HashMap<String, NamedUpstream>,
     /// USD per 1M input tokens, by model name.
     pub prices: HashMap<String, f64>,
+}
+
+/// Bounds on what clients can hold of the HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    /// A connection that has not sent a request's headers this long after
+    /// it opened, or after its previous answer, is closed: idle keep-alive
+    /// connections included.
+    pub header_read_timeout_secs: u64,
+    /// Open client connections; more wait to be accepted.
+    pub max_connections: usize,
+    /// Embeddings and passthrough requests being handled at once; more are
+    /// answered 503 at once. Health and metrics routes are not counted.
+    pub max_requests_in_flight: usize,
+    /// After a shutdown signal, how long open requests and the fetches they
+    /// started may take before they are dropped.
+    pub drain_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -269,6 +293,13 @@ impl Settings {
         if reqwest::Url::parse(&self.upstream.base_url).is_err() {
             return invalid("upstream.base_url", "not a URL");
         }
+        if self.server.header_read_timeout_secs == 0
+            || self.server.max_connections == 0
+            || self.server.max_requests_in_flight == 0
+            || self.server.drain_timeout_secs == 0
+        {
+            return invalid("server", "limits and timeouts must be positive");
+        }
         if self.store.key_prefix.is_empty() || self.store.key_prefix.contains(char::is_whitespace) {
             return invalid("store.key_prefix", "must be non-empty, without spaces");
         }
@@ -371,6 +402,15 @@ impl Settings {
     }
 }
 
+impl ServerSettings {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
 impl StoreSettings {
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
@@ -400,6 +440,7 @@ mod tests {
         assert_eq!(s.prices["text-embedding-3-small"], 0.02);
         assert_eq!(s.prices["text-embedding-3-large"], 0.13);
         assert_eq!(s.prices["text-embedding-ada-002"], 0.10);
+        assert_eq!(s.server.header_read_timeout_secs, 30);
         assert_eq!(
             s.l1.max_bytes,
             128 << 20,
@@ -436,5 +477,14 @@ mod tests {
         assert!(matches!(err, Err(ConfigError::Invalid { .. })));
         let err = Settings::load_from(None, env(&[("EMBGATE__PRICES__X", "-1")]));
         assert!(matches!(err, Err(ConfigError::Invalid { .. })));
+        for key in [
+            "EMBGATE__SERVER__HEADER_READ_TIMEOUT_SECS",
+            "EMBGATE__SERVER__MAX_CONNECTIONS",
+            "EMBGATE__SERVER__MAX_REQUESTS_IN_FLIGHT",
+            "EMBGATE__SERVER__DRAIN_TIMEOUT_SECS",
+        ] {
+            let err = Settings::load_from(None, env(&[(key, "0")]));
+            assert!(matches!(err, Err(ConfigError::Invalid { .. })), "{key}");
+        }
     }
 }

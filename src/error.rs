@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::auth::AuthError;
 use crate::pipeline::EmbedError;
 use crate::protocol::InvalidRequest;
+use crate::request_id::{X_REQUEST_ID, X_VENDOR_REQUEST_ID};
 use crate::vendor::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error("{0}")]
     Unavailable(String),
+    #[error("The gateway is at capacity: too many requests in flight. Retry shortly.")]
+    Overloaded,
 }
 
 #[derive(Serialize)]
@@ -118,6 +121,19 @@ impl IntoResponse for ApiError {
                 None,
                 None,
             ),
+            ApiError::Overloaded => {
+                let mut response = openai_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    &message,
+                    None,
+                    Some("overloaded"),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+            }
             ApiError::Embed(EmbedError::Upstream(e)) => upstream_error(e),
             ApiError::Auth(AuthError::Vendor(e)) => upstream_error(e),
             ApiError::Auth(AuthError::Missing) => openai_error(
@@ -175,10 +191,16 @@ fn upstream_error(e: UpstreamError) -> Response {
                     None,
                 )
             };
-            for name in ["retry-after", "retry-after-ms", "x-request-id"] {
+            for name in ["retry-after", "retry-after-ms"] {
                 if let Some(v) = headers.get(name) {
                     response.headers_mut().insert(name, v.clone());
                 }
+            }
+            // `x-request-id` is the gateway's own.
+            if let Some(v) = headers.get(X_REQUEST_ID) {
+                response
+                    .headers_mut()
+                    .insert(X_VENDOR_REQUEST_ID, v.clone());
             }
             response
         }

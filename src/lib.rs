@@ -21,6 +21,7 @@ pub mod migrations;
 pub mod passthrough;
 pub mod pipeline;
 pub mod protocol;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod signal;
@@ -46,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::protocol::Limits;
 use crate::routes::AppState;
+use crate::server::ServerLimits;
 use crate::vendor::Upstreams;
 
 #[derive(Debug, thiserror::Error)]
@@ -128,10 +130,22 @@ impl Engine {
         self.accounting.ledger()
     }
 
-    /// Waits for fetches and cache writes still running, then writes the
-    /// ledger one last time.
-    pub async fn finish(&self) {
-        self.pipeline.drain().await;
+    /// Waits for fetches and cache writes still running (until `deadline`,
+    /// if any), then writes the ledger one last time.
+    pub async fn finish(&self, deadline: Option<tokio::time::Instant>) {
+        let drain = self.pipeline.drain();
+        let drained = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, drain).await.is_ok(),
+            None => {
+                drain.await;
+                true
+            }
+        };
+        if !drained {
+            tracing::warn!(
+                "drain deadline passed: fetches and writes still running are not stored"
+            );
+        }
         if let Err(e) = self.ledger().flush().await {
             tracing::warn!(error = %e, "final ledger flush failed; savings since the last flush are not in the ledger");
         }
@@ -143,6 +157,7 @@ pub struct Gateway {
     pub router: axum::Router,
     pub engine: Engine,
     sync_every: Duration,
+    limits: ServerLimits,
 }
 
 impl Gateway {
@@ -167,14 +182,20 @@ impl Gateway {
             max_body_bytes: settings.limits.max_body_bytes,
         };
         Ok(Gateway {
-            router: routes::router(state),
+            router: routes::router(state, settings.server.max_requests_in_flight),
             engine,
             sync_every: Duration::from_secs(settings.ledger.sync_secs),
+            limits: ServerLimits {
+                header_read_timeout: settings.server.header_read_timeout(),
+                max_connections: settings.server.max_connections,
+                other_files: server::open_files::besides_connections(settings),
+                drain_timeout: settings.server.drain_timeout(),
+            },
         })
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests
-    /// and the cache writes they started.
+    /// and the cache writes they started, within `server.drain_timeout_secs`.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -196,11 +217,11 @@ impl Gateway {
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
         });
-        server::serve(listener, self.router, shutdown).await;
+        let deadline = server::serve(listener, self.router, self.limits, shutdown).await;
         stop.cancel();
         let _ = housekeeping.await;
         // In-flight fetches finish and store before the ledger's last flush.
-        self.engine.finish().await;
+        self.engine.finish(Some(deadline)).await;
     }
 }
 

@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -46,8 +47,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     // Logs go to stderr: stdout carries command output (stats, warm summary).
+    // Colours only for a terminal: they cost time on every span and line.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )

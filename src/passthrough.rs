@@ -4,13 +4,14 @@
 
 use std::sync::Arc;
 
+use axum::RequestExt;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
-use crate::routes::AppState;
+use crate::routes::{self, AppState};
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1).
 const HOP_BY_HOP: &[HeaderName] = &[
@@ -43,7 +44,9 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
         url.push_str(q);
     }
 
-    let (parts, body) = req.into_parts();
+    // A body without a declared length is cut at the limit as it streams
+    // (a declared one above it never gets here).
+    let (parts, body) = req.with_limited_body().into_parts();
     let mut headers = end_to_end(&parts.headers);
     // Whatever key the caller presented, the vendor gets the one that pays.
     headers.remove(header::AUTHORIZATION);
@@ -67,6 +70,9 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
             response
                 .body(Body::from_stream(answer.bytes_stream()))
                 .unwrap_or_else(|e| ApiError::Unavailable(e.to_string()).into_response())
+        }
+        Err(e) if routes::is_body_too_large(&e) => {
+            ApiError::BodyTooLarge(state.max_body_bytes).into_response()
         }
         Err(e) => ApiError::Unavailable(format!(
             "The vendor could not be reached: {}",

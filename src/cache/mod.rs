@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use self::entry::Entry;
 use self::health::{Health, Side, SideState};
@@ -230,7 +231,8 @@ impl Cache {
         let health = Arc::clone(&self.health);
         let writing = Arc::clone(&self.writing);
         writing.send_modify(|n| *n += 1);
-        self.writes.spawn(async move {
+        // The request's span goes along, so a failed write's log line names it.
+        let write = async move {
             let result = write.await;
             let left = pending_bytes.fetch_sub(bytes, Ordering::Relaxed) - bytes;
             gauge.set(i64::try_from(left).unwrap_or(i64::MAX));
@@ -240,7 +242,8 @@ impl Cache {
                 Err(e) => health.failed(Side::Write, "set", &e),
             }
             drop(holds);
-        });
+        };
+        self.writes.spawn(write.in_current_span());
     }
 
     /// Waits until no write is in flight (those started meanwhile included).

@@ -12,6 +12,7 @@ use axum::http::HeaderMap;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 mod fetch;
 mod fleet;
@@ -307,8 +308,9 @@ impl Pipeline {
             let this = Arc::clone(self);
             let req = Arc::clone(req);
             let ctx = ctx.clone();
+            // The request's span goes along, so the fetch's log lines name it.
             self.tasks
-                .spawn(async move { this.lead(&req, &ctx, lead, wait).await })
+                .spawn(async move { this.lead(&req, &ctx, lead, wait).await }.in_current_span())
         });
         let followed = follow
             .into_iter()

@@ -1,6 +1,7 @@
 //! HTTP routes: the cached embeddings endpoint, health, metrics, and
 //! everything else passed through to the vendor.
 
+mod limits;
 mod track;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower::ServiceBuilder;
 
 use crate::accounting::Accounting;
 use crate::auth::Auth;
@@ -23,9 +25,13 @@ use crate::metrics::Metrics;
 use crate::passthrough;
 use crate::pipeline::{CallContext, Pipeline};
 use crate::protocol::{self, EmbeddingResponse, Limits};
+use crate::request_id::RequestIdLayer;
 use crate::vendor::Upstreams;
 
+use self::limits::{DeclaredLengthLayer, ShedLayer};
 use self::track::TrackLayer;
+
+pub use self::limits::is_body_too_large;
 
 // Built once: a header inserted by `&str` is parsed on every call.
 const X_EMBGATE_CACHE: HeaderName = HeaderName::from_static("x-embgate-cache");
@@ -43,7 +49,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The routes; at most `max_requests_in_flight` embeddings and passthrough
+/// requests are handled at once.
+pub fn router(state: AppState, max_requests_in_flight: usize) -> Router {
     let track = TrackLayer::new(&state.metrics);
     let max_body_bytes = state.max_body_bytes;
     Router::new()
@@ -51,12 +59,23 @@ pub fn router(state: AppState) -> Router {
             "/v1/embeddings",
             post(embeddings).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
         )
+        .fallback(passthrough::forward)
+        // Only on the routes above: health and metrics must answer while
+        // the gateway sheds load.
+        .layer(ShedLayer::new(max_requests_in_flight))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .fallback(passthrough::forward)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(track)
+        // One `layer` call: axum boxes each route's service once per call,
+        // and clones that box on every request. Outermost first; the
+        // limits inside, so refused requests are counted and carry an id.
+        .layer(
+            ServiceBuilder::new()
+                .layer(RequestIdLayer::new())
+                .layer(track)
+                .layer(DeclaredLengthLayer::new(max_body_bytes))
+                .layer(DefaultBodyLimit::max(max_body_bytes)),
+        )
         .with_state(Arc::new(state))
 }
 

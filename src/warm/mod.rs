@@ -272,7 +272,7 @@ pub async fn warm_until(
         }
     }
     // What this run paid and saved belongs in the all-time ledger too.
-    engine.finish().await;
+    engine.finish(None).await;
     bar.finish_and_clear();
 
     summary.lines = tally.lines;

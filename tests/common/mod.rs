@@ -130,6 +130,15 @@ impl TestGateway {
             .expect("gateway answers")
     }
 
+    /// GET `path` (no key).
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
     /// POST and expect 200; returns (cache header, body).
     pub async fn embed(&self, body: &Value) -> (String, Value) {
         let response = self.post(body).await;
