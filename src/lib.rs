@@ -59,8 +59,6 @@ pub enum StartupError {
     Metrics(#[from] prometheus::Error),
     #[error("upstream: {0}")]
     Upstream(String),
-    #[error("auth: {0}")]
-    Auth(String),
     #[error(transparent)]
     Keyspace(migrate::MigrateError),
     #[error("listen on {addr}: {source}")]
@@ -84,7 +82,14 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new()?);
         let store = Store::connect_lazy(&settings.store)?;
         let upstreams = Upstreams::new(settings, &metrics).map_err(StartupError::Upstream)?;
-        let auth = Arc::new(Auth::new(settings, Arc::clone(&metrics)).map_err(StartupError::Auth)?);
+        let auth = Arc::new(Auth::new(settings, Arc::clone(&metrics))?);
+        let passthrough =
+            passthrough::Allowlist::parse(&settings.passthrough.allow).map_err(|reason| {
+                config::ConfigError::Invalid {
+                    key: "passthrough.allow",
+                    reason,
+                }
+            })?;
         let ledger = Arc::new(Ledger::new(
             store.clone(),
             &settings.store.key_prefix,
@@ -106,6 +111,8 @@ impl Gateway {
                 max_input_bytes: settings.limits.max_input_bytes,
             },
             max_body_bytes: settings.limits.max_body_bytes,
+            passthrough,
+            cache_headers: settings.response.cache_headers,
         };
         Ok(Gateway {
             router: routes::router(state),
@@ -152,6 +159,8 @@ pub async fn run(
     settings: &Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
+    // Refused before anything else: an undecided `auth.mode` serves no one.
+    let auth_mode = settings.auth_mode()?;
     let gateway = Gateway::new(settings)?;
     match migrate::check(gateway.embedder.store(), &settings.store.key_prefix).await {
         Ok(()) => {}
@@ -170,7 +179,7 @@ pub async fn run(
     tracing::info!(
         listen = %settings.listen,
         upstream = %gateway.embedder.upstreams().default().base_url(),
-        auth = ?settings.auth_mode(),
+        auth = ?auth_mode,
         "embgate serving"
     );
     gateway.serve(listener, shutdown).await;

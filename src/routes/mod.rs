@@ -18,7 +18,7 @@ use crate::body;
 use crate::entry::Entry;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::passthrough;
+use crate::passthrough::{self, Allowlist};
 use crate::pipeline::{CallContext, Embedder};
 use crate::protocol::{self, EmbeddingResponse, Limits};
 
@@ -36,6 +36,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub max_body_bytes: usize,
+    /// Routes passed through when the gateway's own key pays.
+    pub passthrough: Allowlist,
+    /// `response.cache_headers`: send the `x-embgate-*` headers.
+    pub cache_headers: bool,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -72,14 +76,7 @@ async fn embeddings(
     let model = request.model.clone();
     let format = request.encoding_format;
     let upstream = Arc::clone(state.embedder.upstreams().route(&request.model));
-    // The caller's key is checked with a vendor that would take it: one
-    // paid with its own key does not, so the default vendor judges then.
-    let verifier = if upstream.has_own_key() {
-        state.embedder.upstreams().default()
-    } else {
-        &upstream
-    };
-    state.auth.admit(&caller, verifier).await?;
+    state.auth.admit(&caller, &upstream, &request.model).await?;
     let ctx = CallContext::new(upstream, caller, &request.model, &headers);
     let embedded = state.embedder.embed(Arc::new(request), ctx).await?;
 
@@ -95,12 +92,14 @@ async fn embeddings(
         body,
     )
         .into_response();
-    let h = response.headers_mut();
-    h.insert(X_EMBGATE_CACHE, HeaderValue::from_static(cache.as_str()));
-    h.insert(
-        X_EMBGATE_UPSTREAM_TOKENS,
-        HeaderValue::from(upstream_tokens),
-    );
+    if state.cache_headers {
+        let h = response.headers_mut();
+        h.insert(X_EMBGATE_CACHE, HeaderValue::from_static(cache.as_str()));
+        h.insert(
+            X_EMBGATE_UPSTREAM_TOKENS,
+            HeaderValue::from(upstream_tokens),
+        );
+    }
     Ok(response)
 }
 
