@@ -3,7 +3,7 @@
 //! so server-sent events arrive chunk by chunk.
 //!
 //! Before a byte leaves: the caller is identified, the path must stay under
-//! the vendor's base path ([`path`]), and when the gateway's own key would
+//! the vendor's base path (`path`), and when the gateway's own key would
 //! pay, the route must be listed in `passthrough.allow` ([`Allowlist`]).
 //! Callers whose own vendor key is forwarded pay for themselves and may use
 //! every route.
