@@ -2,9 +2,9 @@
 //! vendor's authentication:
 //!
 //! - forward: callers bring their own vendor key. Each distinct key is
-//!   verified with the vendor once (the verdict is remembered, by the key's
-//!   hash, for `auth.verify_ttl_secs`) before any vector, cached or not, is
-//!   returned.
+//!   verified once with the vendor that serves the request (the verdict is
+//!   remembered, by endpoint and the key's hash, for `auth.verify_ttl_secs`)
+//!   before any vector, cached or not, is returned.
 //! - gateway: callers present client keys listed (hashed) under
 //!   `auth.tenants`; the gateway's own vendor keys pay.
 //! - open: no caller authentication; the gateway's vendor key pays.
@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AuthMode, Settings};
+use crate::config::{AuthMode, ConfigError, Settings};
 use crate::metrics::Metrics;
 use crate::vendor::{Upstream, UpstreamError};
 
@@ -127,14 +127,17 @@ pub struct Auth {
     mode: AuthMode,
     tenants: HashMap<[u8; 32], Tenant>,
     default_tenant: Arc<str>,
-    /// Vendor verdicts by (upstream, key hash); concurrent checks of one
+    /// Vendor verdicts by (endpoint, key hash); concurrent checks of one
     /// key share a single vendor call.
     verdicts: moka::future::Cache<(String, [u8; 32]), bool>,
     metrics: Arc<Metrics>,
 }
 
 impl Auth {
-    pub fn new(settings: &Settings, metrics: Arc<Metrics>) -> Result<Auth, String> {
+    /// Fails when `auto` cannot decide (see [`Settings::auth_mode`]) or a
+    /// tenant's hash is not hex SHA-256.
+    pub fn new(settings: &Settings, metrics: Arc<Metrics>) -> Result<Auth, ConfigError> {
+        let mode = settings.auth_mode()?;
         let mut tenants = HashMap::new();
         for (name, t) in &settings.auth.tenants {
             let mut hash = [0u8; 32];
@@ -143,7 +146,10 @@ impl Auth {
                     .key_sha256
                     .get(2 * i..2 * i + 2)
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| format!("auth.tenants.{name}.key_sha256 is not hex SHA-256"))?;
+                    .ok_or_else(|| ConfigError::Invalid {
+                        key: "auth.tenants",
+                        reason: format!("{name}: key_sha256 is not hex SHA-256"),
+                    })?;
             }
             tenants.insert(
                 hash,
@@ -154,7 +160,7 @@ impl Auth {
             );
         }
         Ok(Auth {
-            mode: settings.auth_mode(),
+            mode,
             tenants,
             default_tenant: Arc::from("default"),
             verdicts: moka::future::Cache::builder()
@@ -185,6 +191,7 @@ impl Auth {
                     key: None,
                 })
             }
+            // `Auth::new` resolved `auto`; it is listed for completeness.
             AuthMode::Forward | AuthMode::Auto => Ok(Caller {
                 tenant: Arc::clone(&self.default_tenant),
                 isolated: false,
@@ -198,16 +205,27 @@ impl Auth {
         }
     }
 
-    /// Forward mode: makes sure `upstream` accepts the caller's key before
-    /// anything is served.
-    pub async fn admit(&self, caller: &Caller, upstream: &Upstream) -> Result<(), AuthError> {
+    /// Forward mode: makes sure the caller's key may use the endpoint that
+    /// serves `model` at `upstream` (the upstream the request goes to) before
+    /// anything is served. That vendor judges even when the gateway holds a
+    /// key of its own for it: a caller must hold a key of the vendor whose
+    /// vectors it gets, so one vendor's key never unlocks another's cache or
+    /// spends another upstream's key.
+    pub async fn admit(
+        &self,
+        caller: &Caller,
+        upstream: &Upstream,
+        model: &str,
+    ) -> Result<(), AuthError> {
         let Some(key) = &caller.key else {
             return Ok(());
         };
+        // The namespace is the endpoint (base URL, and for Azure the
+        // deployment): one verdict per endpoint a key is used on.
         let accepted = self
             .verdicts
-            .try_get_with((upstream.name().to_owned(), key.sha256()), async {
-                let verdict = upstream.verify_key(key).await;
+            .try_get_with((upstream.namespace(model), key.sha256()), async {
+                let verdict = upstream.verify_key(key, model).await;
                 let label = match &verdict {
                     Ok(true) => "accepted",
                     Ok(false) => "rejected",

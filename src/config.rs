@@ -1,5 +1,7 @@
 //! Settings: built-in defaults, then an optional TOML file, then `EMBGATE__*`
 //! environment variables (`__` separates levels: `EMBGATE__STORE__URL`).
+//! A key that none of these types knows is refused at start, so a typo never
+//! silently leaves a default (say, an open door) in force.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -59,6 +61,12 @@ distributed = false
 lease_ms = 10000
 poll_ms = 20
 
+[passthrough]
+allow = ""
+
+[response]
+cache_headers = true
+
 [limits]
 max_body_bytes = 67108864
 max_inputs = 2048
@@ -83,6 +91,8 @@ pub struct Settings {
     pub ledger: LedgerSettings,
     pub metrics: MetricsSettings,
     pub l1: L1Settings,
+    pub passthrough: PassthroughSettings,
+    pub response: ResponseSettings,
     /// More vendors, by name, each serving the models it lists.
     #[serde(default)]
     pub upstreams: HashMap<String, NamedUpstream>,
@@ -181,7 +191,8 @@ pub struct AuthSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
-    /// `forward` when `upstream.api_key` is empty, else `open`.
+    /// `forward` when the gateway holds no vendor key, `gateway` when it
+    /// holds one and tenants are configured; never `open`.
     Auto,
     /// Callers bring their own vendor key; it is verified with the vendor
     /// (even for a full hit) and used for their misses.
@@ -210,6 +221,23 @@ pub enum Flavour {
     Openai,
     /// Azure OpenAI: deployment paths, `api-version`, `api-key` header.
     Azure,
+}
+
+/// Routes other than `/v1/embeddings`, forwarded to the default vendor.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PassthroughSettings {
+    /// Comma-separated path prefixes (`/v1/models`, or `models`) that may
+    /// pass when the gateway's own vendor key would pay; empty: none.
+    /// Callers whose own key is forwarded may use every route.
+    pub allow: String,
+}
+
+/// What embeddings responses tell the caller beyond the vendor's answer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponseSettings {
+    /// Send `x-embgate-cache` and `x-embgate-upstream-tokens`. They tell a
+    /// caller whether someone else already embedded a text; off hides that.
+    pub cache_headers: bool,
 }
 
 /// An extra vendor; timeouts, retries and batch limits come from `[upstream]`.
@@ -255,7 +283,35 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("configuration: {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// Keys no setting has, as TOML paths (`store.timout_ms`).
+    #[error("configuration: unknown {}:{}", if .0.len() == 1 { "key" } else { "keys" }, unknown_list(.0))]
+    Unknown(Vec<String>),
 }
+
+/// One line per unknown key, naming it both ways it may have been written.
+fn unknown_list(paths: &[String]) -> String {
+    paths
+        .iter()
+        .map(|p| format!("\n  {p} (environment: {})", env_name(p)))
+        .collect()
+}
+
+/// The `EMBGATE__` variable that sets the TOML path `path`.
+pub fn env_name(path: &str) -> String {
+    format!("EMBGATE__{}", path.replace('.', "__").to_uppercase())
+}
+
+/// Why `auto` does not choose when the gateway holds a vendor key and no
+/// tenants are configured: every choice decides who spends that key.
+const AUTO_REFUSED: &str = "`auto` does not choose who may spend the vendor key set in \
+upstream.api_key (or upstreams.<name>.api_key) when no tenants are configured. \
+Set auth.mode (EMBGATE__AUTH__MODE) to one of:
+  forward  callers present their own vendor key, checked with the vendor (leave the api_key \
+settings empty so that their keys pay);
+  gateway  callers present client keys listed as auth.tenants.<name>.key_sha256 \
+(EMBGATE__AUTH__TENANTS__<NAME>__KEY_SHA256, from `embgate hash-key KEY`); the gateway's key pays;
+  open     no caller authentication: anyone who reaches the port spends the gateway's key \
+(only behind access control of your own).";
 
 impl Settings {
     /// Loads defaults, then `file` (if any), then the process environment.
@@ -278,7 +334,14 @@ impl Settings {
             .separator("__")
             .try_parsing(true)
             .source(env);
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        let merged = builder.add_source(environment).build()?;
+        let mut unknown = Vec::new();
+        let settings: Settings =
+            serde_ignored::deserialize(merged, |path| unknown.push(path.to_string()))?;
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(ConfigError::Unknown(unknown));
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -350,7 +413,12 @@ impl Settings {
                 });
             }
         }
-        if self.auth_mode() == AuthMode::Gateway {
+        if let Err(reason) = crate::passthrough::Allowlist::parse(&self.passthrough.allow) {
+            return invalid("passthrough.allow", &reason);
+        }
+        // An undecided `auto` is refused when serving (`auth_mode`), not
+        // here: `hash-key`, `warm` and the other commands serve no one.
+        if self.auth_mode().ok() == Some(AuthMode::Gateway) {
             if self.auth.tenants.is_empty() {
                 return invalid("auth.tenants", "gateway mode needs at least one tenant key");
             }
@@ -387,13 +455,25 @@ impl Settings {
         Ok(())
     }
 
-    /// The mode in force, with `auto` resolved.
-    pub fn auth_mode(&self) -> AuthMode {
+    /// The mode in force, with `auto` resolved: `forward` when the gateway
+    /// holds no vendor key, `gateway` when it holds one and tenants are
+    /// configured, and refused otherwise: `open` is never guessed.
+    pub fn auth_mode(&self) -> Result<AuthMode, ConfigError> {
         match self.auth.mode {
-            AuthMode::Auto if self.upstream.api_key.is_empty() => AuthMode::Forward,
-            AuthMode::Auto => AuthMode::Open,
-            mode => mode,
+            AuthMode::Auto if !self.holds_vendor_key() => Ok(AuthMode::Forward),
+            AuthMode::Auto if !self.auth.tenants.is_empty() => Ok(AuthMode::Gateway),
+            AuthMode::Auto => Err(ConfigError::Invalid {
+                key: "auth.mode",
+                reason: AUTO_REFUSED.to_owned(),
+            }),
+            mode => Ok(mode),
         }
+    }
+
+    /// Whether any upstream, the default or a named one, has a key of the
+    /// gateway's own.
+    fn holds_vendor_key(&self) -> bool {
+        !self.upstream.api_key.is_empty() || self.upstreams.values().any(|u| !u.api_key.is_empty())
     }
 
     /// The vendor key the gateway itself holds, if any.
@@ -446,6 +526,168 @@ mod tests {
             128 << 20,
             "L1 on by default (BENCHMARKS.md)"
         );
+        assert_eq!(s.auth_mode().ok(), Some(AuthMode::Forward));
+        assert_eq!(
+            s.passthrough.allow, "",
+            "nothing passes on the gateway's key"
+        );
+        assert!(s.response.cache_headers);
+    }
+
+    fn refused_auto(s: &Settings) -> String {
+        match s.auth_mode() {
+            Err(
+                e @ ConfigError::Invalid {
+                    key: "auth.mode", ..
+                },
+            ) => e.to_string(),
+            other => panic!("auto should be refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn auto_never_opens_the_gateways_key() {
+        let keyed = Settings::load_from(None, env(&[("EMBGATE__UPSTREAM__API_KEY", "sk-1")]))
+            .expect("loads: only serving refuses");
+        let message = refused_auto(&keyed);
+        for choice in [
+            "forward",
+            "gateway",
+            "open",
+            "EMBGATE__AUTH__MODE",
+            "auth.tenants.<name>.key_sha256",
+        ] {
+            assert!(message.contains(choice), "{choice} missing from: {message}");
+        }
+        // A key on a named upstream is the gateway's money too.
+        let named = Settings::load_from(
+            None,
+            env(&[
+                ("EMBGATE__UPSTREAMS__ACME__BASE_URL", "http://acme.test/v1"),
+                ("EMBGATE__UPSTREAMS__ACME__MODELS", "acme-*"),
+                ("EMBGATE__UPSTREAMS__ACME__API_KEY", "sk-acme"),
+            ]),
+        )
+        .expect("loads");
+        refused_auto(&named);
+        // With tenants, `auto` is gateway mode.
+        let tenants = Settings::load_from(
+            None,
+            env(&[
+                ("EMBGATE__UPSTREAM__API_KEY", "sk-1"),
+                ("EMBGATE__AUTH__TENANTS__T__KEY_SHA256", &"a".repeat(64)),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(tenants.auth_mode().ok(), Some(AuthMode::Gateway));
+        // Open only when written.
+        let open = Settings::load_from(
+            None,
+            env(&[
+                ("EMBGATE__UPSTREAM__API_KEY", "sk-1"),
+                ("EMBGATE__AUTH__MODE", "open"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(open.auth_mode().ok(), Some(AuthMode::Open));
+    }
+
+    #[test]
+    fn unknown_keys_are_all_reported_with_their_variable_names() {
+        let path = std::env::temp_dir().join(format!(
+            "embgate-config-test-{}-{}.toml",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::write(
+            &path,
+            r#"
+listen = "127.0.0.1:1"
+lisen = "typo at the top"
+
+[store]
+timout_ms = 5
+
+[auth]
+mod = "open"
+
+[auth.tenants.search]
+key_sha256 = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+isolatd = true
+
+[upstreams.acme]
+base_url = "http://acme.test/v1"
+models = "acme-*"
+modles = "typo"
+deployments = { "any-model" = "any-deployment" }
+
+[prices]
+"my-own-model" = 0.5
+"#,
+        )
+        .expect("write config");
+        let loaded = Settings::load_from(
+            Some(&path),
+            env(&[
+                ("EMBGATE__LIMITS__MAX_INPUT", "3"),
+                ("EMBGATE__PRICES__ANOTHER-MODEL", "1"),
+                ("EMBGATE__UPSTREAMS__ACME__DEPLOYMENTS__ACME-X", "dep"),
+            ]),
+        );
+        let _ = std::fs::remove_file(&path);
+        let Err(ConfigError::Unknown(keys)) = loaded else {
+            panic!("unknown keys not refused: {loaded:?}");
+        };
+        assert_eq!(
+            keys,
+            [
+                "auth.mod",
+                "auth.tenants.search.isolatd",
+                "limits.max_input",
+                "lisen",
+                "store.timout_ms",
+                "upstreams.acme.modles",
+            ]
+        );
+        let message = ConfigError::Unknown(keys).to_string();
+        for name in [
+            "store.timout_ms (environment: EMBGATE__STORE__TIMOUT_MS)",
+            "limits.max_input (environment: EMBGATE__LIMITS__MAX_INPUT)",
+            "upstreams.acme.modles (environment: EMBGATE__UPSTREAMS__ACME__MODLES)",
+        ] {
+            assert!(message.contains(name), "{name} missing from: {message}");
+        }
+    }
+
+    #[test]
+    fn user_chosen_names_are_not_unknown_keys() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("EMBGATE__PRICES__MY-MODEL", "1.5"),
+                ("EMBGATE__UPSTREAMS__AZ__BASE_URL", "http://az.test"),
+                ("EMBGATE__UPSTREAMS__AZ__FLAVOUR", "azure"),
+                ("EMBGATE__UPSTREAMS__AZ__API_VERSION", "2024-06-01"),
+                ("EMBGATE__UPSTREAMS__AZ__MODELS", "az-*"),
+                ("EMBGATE__UPSTREAMS__AZ__DEPLOYMENTS__AZ-SMALL", "dep"),
+                ("EMBGATE__AUTH__TENANTS__ADS__KEY_SHA256", &"b".repeat(64)),
+                ("EMBGATE__AUTH__TENANTS__ADS__ISOLATED", "true"),
+                ("EMBGATE__PASSTHROUGH__ALLOW", "/v1/models"),
+                ("EMBGATE__RESPONSE__CACHE_HEADERS", "false"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(s.upstreams["az"].deployments["az-small"], "dep");
+        assert!(s.auth.tenants["ads"].isolated);
+        assert!(!s.response.cache_headers);
+        let err = Settings::load_from(None, env(&[("EMBGATE__PASSTHROUGH__ALLOW", "/v1/../x")]));
+        assert!(matches!(
+            err,
+            Err(ConfigError::Invalid {
+                key: "passthrough.allow",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::auth::AuthError;
+use crate::passthrough::PassthroughError;
 use crate::pipeline::EmbedError;
 use crate::protocol::InvalidRequest;
 use crate::request_id::{X_REQUEST_ID, X_VENDOR_REQUEST_ID};
@@ -27,6 +28,8 @@ pub enum ApiError {
     Embed(#[from] EmbedError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Passthrough(#[from] PassthroughError),
     #[error("{0}")]
     Unavailable(String),
     #[error("The gateway is at capacity: too many requests in flight. Retry shortly.")]
@@ -149,6 +152,20 @@ impl IntoResponse for ApiError {
                 &message,
                 None,
                 Some("invalid_api_key"),
+            ),
+            ApiError::Passthrough(PassthroughError::Path(_)) => openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &message,
+                None,
+                Some("invalid_path"),
+            ),
+            ApiError::Passthrough(PassthroughError::NotAllowed) => openai_error(
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                &message,
+                None,
+                Some("passthrough_not_allowed"),
             ),
             ApiError::Embed(EmbedError::Internal(_)) => openai_error(
                 StatusCode::INTERNAL_SERVER_ERROR,

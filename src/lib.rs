@@ -60,8 +60,6 @@ pub enum StartupError {
     Metrics(#[from] prometheus::Error),
     #[error("upstream: {0}")]
     Upstream(String),
-    #[error("auth: {0}")]
-    Auth(String),
     #[error(transparent)]
     Keyspace(migrate::MigrateError),
     #[error("listen on {addr}: {source}")]
@@ -167,8 +165,14 @@ impl Gateway {
 
     /// A gateway serving `engine`.
     pub fn on(settings: &Settings, engine: Engine) -> Result<Gateway, StartupError> {
-        let auth =
-            Arc::new(Auth::new(settings, Arc::clone(&engine.metrics)).map_err(StartupError::Auth)?);
+        let auth = Arc::new(Auth::new(settings, Arc::clone(&engine.metrics))?);
+        let passthrough =
+            passthrough::Allowlist::parse(&settings.passthrough.allow).map_err(|reason| {
+                config::ConfigError::Invalid {
+                    key: "passthrough.allow",
+                    reason,
+                }
+            })?;
         let state = AppState {
             auth,
             upstreams: Arc::clone(&engine.upstreams),
@@ -180,6 +184,8 @@ impl Gateway {
                 max_input_bytes: settings.limits.max_input_bytes,
             },
             max_body_bytes: settings.limits.max_body_bytes,
+            passthrough,
+            cache_headers: settings.response.cache_headers,
         };
         Ok(Gateway {
             router: routes::router(state, settings.server.max_requests_in_flight),
@@ -230,6 +236,8 @@ pub async fn run(
     settings: &Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
+    // Refused before anything else: an undecided `auth.mode` serves no one.
+    let auth_mode = settings.auth_mode()?;
     let gateway = Gateway::new(settings)?;
     match migrate::check(gateway.engine.store().as_ref()).await {
         Ok(()) => {}
@@ -250,7 +258,7 @@ pub async fn run(
         listen = %settings.listen,
         store = gateway.engine.store().kind(),
         upstream = %gateway.engine.upstreams.default().base_url(),
-        auth = ?settings.auth_mode(),
+        auth = ?auth_mode,
         "embgate serving"
     );
     gateway.serve(listener, shutdown).await;

@@ -75,6 +75,12 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Settings refused only when serving (an undecided `auth.mode`) are
+        // configuration errors too.
+        Err(e @ embgate::StartupError::Config(_)) => {
+            eprintln!("embgate: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("embgate: {e}");
             ExitCode::FAILURE

@@ -519,6 +519,8 @@ fn spawn_gateway(
         .env("EMBGATE__STORE__KEY_PREFIX", prefix)
         .env("EMBGATE__UPSTREAM__BASE_URL", vendor_url)
         .env("EMBGATE__UPSTREAM__API_KEY", API_KEY)
+        // The load generator measures the cache, not caller checks.
+        .env("EMBGATE__AUTH__MODE", "open")
         // The main scenarios measure the Redis path against the bare Redis
         // ceiling; the L1 comparison turns the in-process cache on.
         .env("EMBGATE__L1__MAX_BYTES", "0");

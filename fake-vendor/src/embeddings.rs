@@ -94,7 +94,16 @@ fn process(shared: &Shared, headers: &HeaderMap, body: Result<Bytes, axum::Error
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(b).ok());
     let mut record = lenient_record(value.as_ref(), headers);
-    let plan = match shared.pop_fault() {
+    let key_check = is_key_check(value.as_ref());
+    let fault = if key_check { None } else { shared.pop_fault() };
+    let keep = |record: RecordedRequest| {
+        if key_check {
+            shared.record_key_check(record);
+        } else {
+            shared.record(record);
+        }
+    };
+    let plan = match fault {
         Some(fault) => fault.plan(record.model.as_deref()),
         None => Plan::Normal {
             delay: Duration::ZERO,
@@ -105,12 +114,12 @@ fn process(shared: &Shared, headers: &HeaderMap, body: Result<Bytes, axum::Error
         Plan::Replace(response) => (response, Duration::ZERO),
         Plan::Raw(response) => {
             record.status = response.status().as_u16();
-            shared.record(record);
+            keep(record);
             return Step::Raw(response);
         }
         Plan::Close => {
             record.status = 0;
-            shared.record(record);
+            keep(record);
             return Step::Close;
         }
         Plan::Normal { delay, corruption } => match answer(shared, headers, body, value.as_ref()) {
@@ -124,8 +133,18 @@ fn process(shared: &Shared, headers: &HeaderMap, body: Result<Bytes, axum::Error
         },
     };
     record.status = response.status().as_u16();
-    shared.record(record);
+    keep(record);
     Step::Respond(response, delay)
+}
+
+/// A request with an empty `input`: refused after authentication, never
+/// billed (see `FakeVendor::key_checks`).
+fn is_key_check(value: Option<&Value>) -> bool {
+    match value.and_then(|v| v.get("input")) {
+        Some(Value::String(s)) => s.is_empty(),
+        Some(Value::Array(items)) => items.is_empty(),
+        _ => false,
+    }
 }
 
 /// Asks the accept loop to drop this connection, which also drops this

@@ -67,7 +67,10 @@ type EmbeddedKey = (String, Option<u32>, InputItem);
 
 #[derive(Default)]
 struct Records {
+    /// Every request line, any route, as received.
+    seen: Vec<String>,
     requests: Vec<RecordedRequest>,
+    key_checks: Vec<RecordedRequest>,
     embedded: HashMap<EmbeddedKey, u64>,
     total: u64,
 }
@@ -121,6 +124,14 @@ impl Shared {
 
     pub(crate) fn record(&self, request: RecordedRequest) {
         lock(&self.records).requests.push(request);
+    }
+
+    pub(crate) fn record_key_check(&self, request: RecordedRequest) {
+        lock(&self.records).key_checks.push(request);
+    }
+
+    pub(crate) fn record_seen(&self, line: String) {
+        lock(&self.records).seen.push(line);
     }
 
     /// Counts inputs that were delivered in a correct successful response.
@@ -181,8 +192,9 @@ impl FakeVendor {
         format!("http://{}/v1", self.addr)
     }
 
-    /// Queues a fault; each embeddings request pops one (FIFO) before normal
-    /// handling, authentication included.
+    /// Queues a fault; each embeddings request that carries inputs pops one
+    /// (FIFO) before normal handling, authentication included. Key checks
+    /// (see [`FakeVendor::key_checks`]) leave the queue alone.
     pub fn push_fault(&self, fault: Fault) {
         lock(&self.shared.faults).push_back(fault);
     }
@@ -193,9 +205,24 @@ impl FakeVendor {
     }
 
     /// Every `POST /v1/embeddings` received, faulted and rejected ones
-    /// included, in arrival order.
+    /// included, in arrival order, except key checks.
     pub fn embedding_requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.records).requests.clone()
+    }
+
+    /// `POST /v1/embeddings` requests whose `input` is empty (`""` or `[]`),
+    /// in arrival order. The vendor refuses them (400) once the key is
+    /// authenticated and bills nothing, which makes them the gateway's way
+    /// to check a caller's key; kept apart so that counts of embedding work
+    /// and queued faults are not disturbed by them.
+    pub fn key_checks(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.records).key_checks.clone()
+    }
+
+    /// Every request received, any route, as `METHOD /path?query` exactly
+    /// as it arrived: what reached the vendor at all.
+    pub fn requests_seen(&self) -> Vec<String> {
+        lock(&self.shared.records).seen.clone()
     }
 
     /// How many times this exact input was embedded in successful, unfaulted

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::State;
 use axum::http::{Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -41,7 +42,25 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/echo/{*rest}", any(passthrough::echo))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            log_request,
+        ))
         .with_state(shared)
+}
+
+/// Records every request line before any route sees it.
+async fn log_request(
+    State(shared): State<Arc<Shared>>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned());
+    shared.record_seen(format!("{} {target}", req.method()));
+    next.run(req).await
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {

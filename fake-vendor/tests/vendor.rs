@@ -298,8 +298,56 @@ async fn validation_errors_are_openai_shaped() {
         .iter()
         .map(|r| r.status)
         .collect();
-    assert_eq!(statuses.len(), 24);
+    // The two empty inputs are key checks, recorded apart.
+    assert_eq!(statuses.len(), 22);
     assert!(statuses.iter().all(|&s| s >= 400));
+    assert_eq!(vendor.key_checks().len(), 2);
+}
+
+/// An empty input is how a caller's key is checked for free: the key is
+/// authenticated first (401 for a bad one), then the input refused (400).
+/// Such checks never take a queued fault.
+#[tokio::test]
+async fn key_checks_authenticate_before_refusing_the_input() {
+    let vendor = FakeVendor::start_with(Options {
+        valid_keys: Some(vec![KEY.to_owned()]),
+        ..Options::default()
+    })
+    .await;
+    vendor.push_fault(Fault::Status {
+        status: 500,
+        retry_after_secs: None,
+    });
+    let client = reqwest::Client::new();
+    let url = format!("{}/embeddings", vendor.base_url());
+    let check = |key: &'static str, input: Value| {
+        client
+            .post(&url)
+            .bearer_auth(key)
+            .json(&json!({"model": SMALL, "input": input}))
+            .send()
+    };
+    let bad = check("sk-wrong-key-wxyz", json!("")).await.expect("sent");
+    assert_eq!(bad.status(), 401);
+    let bad: Value = bad.json().await.expect("json");
+    assert_eq!(bad["error"]["code"], "invalid_api_key");
+    let good = check(KEY, json!("")).await.expect("sent");
+    assert_eq!(good.status(), 400);
+    let good: Value = good.json().await.expect("json");
+    assert_eq!(good["error"]["param"], "input");
+    assert_eq!(check(KEY, json!([])).await.expect("sent").status(), 400);
+
+    let statuses: Vec<u16> = vendor.key_checks().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [401, 400, 400]);
+    assert!(vendor.embedding_requests().is_empty());
+    assert_eq!(vendor.total_inputs_embedded(), 0);
+    // The fault is still queued for the next request that embeds.
+    assert_eq!(
+        embed(&vendor, json!({"model": SMALL, "input": "x"}))
+            .await
+            .status,
+        500
+    );
 }
 
 #[tokio::test]
@@ -673,6 +721,7 @@ async fn echo_reflects_the_request() {
     assert_eq!(echo["query"], "x=1&y=2");
     assert_eq!(echo["headers"]["x-custom"], "value");
     assert_eq!(echo["body"], "payload ✓");
+    assert_eq!(vendor.requests_seen(), ["PUT /v1/echo/a/b?x=1&y=2"]);
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ use crate::cache::entry::Entry;
 use crate::cache::health::SideState;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::passthrough;
+use crate::passthrough::{self, Allowlist};
 use crate::pipeline::{CallContext, Pipeline};
 use crate::protocol::{self, EmbeddingResponse, Limits};
 use crate::request_id::RequestIdLayer;
@@ -47,6 +47,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub max_body_bytes: usize,
+    /// Routes passed through when the gateway's own key pays.
+    pub passthrough: Allowlist,
+    /// `response.cache_headers`: send the `x-embgate-*` headers.
+    pub cache_headers: bool,
 }
 
 /// The routes; at most `max_requests_in_flight` embeddings and passthrough
@@ -96,14 +100,7 @@ async fn embeddings(
     let model = request.model.clone();
     let format = request.encoding_format;
     let upstream = Arc::clone(state.upstreams.route(&request.model));
-    // The caller's key is checked with a vendor that would take it: one
-    // paid with its own key does not, so the default vendor judges then.
-    let verifier = if upstream.has_own_key() {
-        state.upstreams.default()
-    } else {
-        &upstream
-    };
-    state.auth.admit(&caller, verifier).await?;
+    state.auth.admit(&caller, &upstream, &request.model).await?;
     let ctx = CallContext::new(upstream, caller, &request.model, &headers);
     let tenant = Arc::clone(&ctx.tenant);
     let outcome = match state.pipeline.embed(Arc::new(request), ctx).await {
@@ -127,12 +124,14 @@ async fn embeddings(
         body,
     )
         .into_response();
-    let h = response.headers_mut();
-    h.insert(X_EMBGATE_CACHE, HeaderValue::from_static(cache.as_str()));
-    h.insert(
-        X_EMBGATE_UPSTREAM_TOKENS,
-        HeaderValue::from(upstream_tokens),
-    );
+    if state.cache_headers {
+        let h = response.headers_mut();
+        h.insert(X_EMBGATE_CACHE, HeaderValue::from_static(cache.as_str()));
+        h.insert(
+            X_EMBGATE_UPSTREAM_TOKENS,
+            HeaderValue::from(upstream_tokens),
+        );
+    }
     Ok(response)
 }
 

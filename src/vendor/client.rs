@@ -221,38 +221,38 @@ impl Upstream {
         self.credential_for(self.api_key.as_ref().or(caller)?)
     }
 
-    /// Asks the vendor whether it accepts `key` (a free listing call).
-    /// `Ok(false)` for 401/403; other failures are errors, not verdicts.
-    pub async fn verify_key(&self, key: &ApiKey) -> Result<bool, UpstreamError> {
-        let url = match self.flavour {
-            Flavour::Openai => format!("{}/models", self.base_url),
-            Flavour::Azure => format!(
-                "{}/openai/models?api-version={}",
-                self.base_url, self.api_version
-            ),
-        };
+    /// Asks the vendor whether `key` may call the embeddings endpoint that
+    /// serves `model`, without paying for it: the probe's empty input is
+    /// refused (400, or 422 at some compatible servers) only after the key
+    /// has been authenticated for that very endpoint, and nothing is billed.
+    /// `Ok(false)` for 401/403 or a refusal that names the key as invalid;
+    /// other answers and transport failures are errors, not verdicts.
+    pub async fn verify_key(&self, key: &ApiKey, model: &str) -> Result<bool, UpstreamError> {
         let timeout = Duration::from_secs(self.settings.timeout_secs);
-        let mut req = self.http.get(url).timeout(timeout);
+        let probe = serde_json::json!({ "model": model, "input": "" }).to_string();
+        let mut req = self
+            .http
+            .post(self.embeddings_url(model))
+            .timeout(timeout)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(probe);
         if let Some((name, value)) = self.credential_for(key) {
             req = req.header(name, value);
         }
         let response = req.send().await.map_err(|e| transport_error(e, timeout))?;
         let status = response.status();
-        if status.is_success() {
-            return Ok(true);
-        }
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Ok(false);
-        }
         let headers = Box::new(response.headers().clone());
-        let body = read_capped(response, ERROR_BODY_LIMIT, timeout)
-            .await
-            .unwrap_or_default();
-        Err(UpstreamError::Vendor {
-            status,
-            body,
-            headers,
-        })
+        let body = read_capped(response, ERROR_BODY_LIMIT, timeout).await?;
+        match status.as_u16() {
+            401 | 403 => Ok(false),
+            400 | 422 if names_invalid_key(&body) => Ok(false),
+            200..=299 | 400 | 422 => Ok(true),
+            _ => Err(UpstreamError::Vendor {
+                status,
+                body,
+                headers,
+            }),
+        }
     }
 
     /// The header carrying exactly `key` in this flavour.
@@ -345,6 +345,13 @@ impl Upstream {
         self.observe_success(started.elapsed());
         Ok(embeddings)
     }
+}
+
+/// Some vendors answer a bad key with a 400 (Google's OpenAI-compatible
+/// API says `API_KEY_INVALID`); such an answer is a refusal, not a pass.
+fn names_invalid_key(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    text.contains("invalid_api_key") || text.contains("api_key_invalid")
 }
 
 pub(super) fn transport_error(e: reqwest::Error, timeout: Duration) -> UpstreamError {

@@ -13,13 +13,31 @@ use embgate::cache::store::{self, Cursor, Store};
 use embgate::config::Settings;
 use embgate::metrics::Metrics;
 use embgate::protocol::Input;
-use fake_vendor::{FakeVendor, InputItem};
+use fake_vendor::{FakeVendor, InputItem, Options};
 use futures_util::StreamExt as _;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 pub const KEY: &str = "sk-test-0001";
 pub const SMALL: &str = "text-embedding-3-small";
+
+/// A fake vendor that accepts only `keys`.
+pub async fn vendor_accepting(keys: &[&str]) -> FakeVendor {
+    FakeVendor::start_with(Options {
+        valid_keys: Some(keys.iter().map(|k| k.to_string()).collect()),
+        ..Options::default()
+    })
+    .await
+}
+
+/// POST /v1/embeddings with `key` as the bearer token, or with none.
+pub async fn post_with_key(gw: &TestGateway, key: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut req = gw.http.post(format!("{}/v1/embeddings", gw.url)).json(body);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    req.send().await.expect("answer")
+}
 
 pub fn redis_url() -> String {
     std::env::var("EMBGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())

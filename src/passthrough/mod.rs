@@ -1,6 +1,15 @@
-//! Every route the gateway does not cache is forwarded to the vendor as is:
-//! method, path, query, headers and body, streamed both ways so server-sent
-//! events arrive chunk by chunk.
+//! Every route the gateway does not cache is forwarded to the default
+//! vendor as is: method, path, query, headers and body, streamed both ways
+//! so server-sent events arrive chunk by chunk.
+//!
+//! Before a byte leaves: the caller is identified, the path must stay under
+//! the vendor's base path (`path`), and when the gateway's own key would
+//! pay, the route must be listed in `passthrough.allow` ([`Allowlist`]).
+//! Callers whose own vendor key is forwarded pay for themselves and may use
+//! every route.
+
+mod allow;
+mod path;
 
 use std::sync::Arc;
 
@@ -10,8 +19,26 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, header};
 use axum::response::{IntoResponse, Response};
 
+pub use self::allow::Allowlist;
+pub use self::path::PathError;
+
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::routes::{self, AppState};
+use crate::vendor::Upstream;
+
+/// Why a passthrough request is refused before anything is sent.
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughError {
+    #[error("Invalid path: {0}.")]
+    Path(#[from] PathError),
+    #[error(
+        "This route is not passed through: the gateway's own vendor key would pay for it. \
+         The operator can allow it by listing its path prefix in passthrough.allow \
+         (EMBGATE__PASSTHROUGH__ALLOW)."
+    )]
+    NotAllowed,
+}
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1).
 const HOP_BY_HOP: &[HeaderName] = &[
@@ -26,22 +53,32 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    match forward_checked(&state, req).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward_checked(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let upstream = state.upstreams.default();
     let path = req.uri().path();
     let Some(rest) = path
         .strip_prefix("/v1")
         .filter(|r| r.is_empty() || r.starts_with('/'))
     else {
-        return ApiError::NotFound(path.to_owned()).into_response();
+        return Err(ApiError::NotFound(path.to_owned()));
     };
-    let caller = match state.auth.identify(req.headers()) {
-        Ok(caller) => caller,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
-    let mut url = format!("{}{rest}", upstream.base_url());
-    if let Some(q) = req.uri().query() {
-        url.push('?');
-        url.push_str(q);
+    let caller = state.auth.identify(req.headers())?;
+    let decoded = path::check(rest).map_err(PassthroughError::from)?;
+    let url =
+        path::join(upstream.base_url(), rest, req.uri().query()).map_err(PassthroughError::from)?;
+    if gateway_pays(upstream, &caller) {
+        if !state.passthrough.allows(&decoded) {
+            return Err(PassthroughError::NotAllowed.into());
+        }
+        // Forward mode with a key of the gateway's own: the caller's key
+        // must still be one the vendor accepts.
+        state.auth.admit(&caller, upstream, "").await?;
     }
 
     // A body without a declared length is cut at the limit as it streams
@@ -67,19 +104,25 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
             if let Some(h) = response.headers_mut() {
                 *h = end_to_end(answer.headers());
             }
-            response
+            Ok(response
                 .body(Body::from_stream(answer.bytes_stream()))
-                .unwrap_or_else(|e| ApiError::Unavailable(e.to_string()).into_response())
+                .unwrap_or_else(|e| ApiError::Unavailable(e.to_string()).into_response()))
         }
         Err(e) if routes::is_body_too_large(&e) => {
-            ApiError::BodyTooLarge(state.max_body_bytes).into_response()
+            Err(ApiError::BodyTooLarge(state.max_body_bytes))
         }
-        Err(e) => ApiError::Unavailable(format!(
+        Err(e) => Err(ApiError::Unavailable(format!(
             "The vendor could not be reached: {}",
             e.without_url()
-        ))
-        .into_response(),
+        ))),
     }
+}
+
+/// Whether the gateway's own key pays for `caller`'s call: it does whenever
+/// the upstream holds a key (see [`Upstream::credential`]) or the caller
+/// brings none (open and gateway modes).
+fn gateway_pays(upstream: &Upstream, caller: &Caller) -> bool {
+    upstream.has_own_key() || caller.key.is_none()
 }
 
 /// Copies `headers` without hop-by-hop ones, including any the
