@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use embgate::cache::entry::Entry;
+use embgate::cache::entry::{Entry, Origin};
 use embgate::cache::key::{KeyHash, KeyLayout, KeyScope};
 use embgate::protocol::{self, EncodingFormat, Input, Limits};
 
@@ -94,7 +94,12 @@ fn keys(c: &mut Criterion) {
 
 fn decode(c: &mut Criterion) {
     let key = scope().hasher().key(&Input::Text(text(0)));
-    let stored: Bytes = Entry::encode(&key, "text-embedding-3-small", &vector(0), 20)
+    let origin = Origin {
+        model: "text-embedding-3-small",
+        upstream: "https://api.openai.com/v1",
+        tenant: None,
+    };
+    let stored: Bytes = Entry::encode(&key, &origin, &vector(0), 20)
         .as_bytes()
         .clone();
     let mut group = c.benchmark_group("entry_decode");

@@ -1,14 +1,16 @@
-//! 0001: entries from format 1 to format 2.
+//! 0001: entries from format 1 to format 2 (written today in the current
+//! format, which holds everything format 2 did).
 //!
 //! Format 1 (the gateway's first layout) had a 20-byte header: magic "EG",
 //! version 1, flags, dimensions, tokens, then an xxh3-64 checksum of (key
-//! hash, bytes 0..12, payload). Format 2 adds the model tag and the write
-//! time (see `src/entry.rs`). The model is not recoverable from a hashed
-//! key, so migrated entries get tag 0 ("unknown") and the migration time.
-//! Vectors and token counts are kept bit for bit.
+//! hash, bytes 0..12, payload). Format 2 added the model tag and the write
+//! time (see `src/cache/entry.rs`). The model is not recoverable from a
+//! hashed key, so migrated entries get tag 0 ("unknown") and the migration
+//! time. Vectors and token counts are kept bit for bit. Entries in any
+//! other format are left to the migrations after this one.
 
 use super::{Migration, Transform};
-use crate::cache::entry::{self, Entry};
+use crate::cache::entry::{self, Entry, Header, ValueType};
 use crate::cache::key::KeyHash;
 
 pub struct EntryFormat2;
@@ -25,15 +27,20 @@ impl Migration for EntryFormat2 {
     }
 
     fn transform(&self, hash: &KeyHash, value: &[u8]) -> Transform {
-        if entry::is_current_format(value) {
+        if value.len() < 3 || &value[..2] != entry::MAGIC || value[2] != 1 {
             return Transform::Keep;
         }
         match decode_v1(hash, value) {
             Some((payload, tokens)) => {
-                let written_at = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
-                let upgraded = Entry::from_parts(hash, payload, tokens, 0, written_at);
+                let header = Header {
+                    value_type: ValueType::F32,
+                    tokens,
+                    model_tag: 0,
+                    written_at: entry::unix_now(),
+                    upstream_tag: 0,
+                    tenant_tag: 0,
+                };
+                let upgraded = Entry::from_parts(hash, &header, payload);
                 Transform::Replace(upgraded.as_bytes().to_vec())
             }
             None => Transform::Unreadable,
@@ -89,10 +96,10 @@ mod tests {
         let Transform::Replace(new) = EntryFormat2.transform(&hash, &old) else {
             panic!("format 1 is rewritten");
         };
-        let entry = Entry::decode(&hash, new.clone().into(), Some(3)).expect("format 2");
+        let entry = Entry::decode(&hash, new.clone().into(), Some(3)).expect("current format");
         assert_eq!(entry.payload(), &old[V1_HEADER..]);
         assert_eq!(entry.tokens(), 17);
-        assert_eq!(entry.model_tag(), 0);
+        assert_eq!(entry.header().model_tag, 0);
         assert_eq!(EntryFormat2.transform(&hash, &new), Transform::Keep);
         let mut corrupt = old.clone();
         corrupt[V1_HEADER] ^= 1;

@@ -8,6 +8,7 @@
 //! already migrated when a run resumes.
 
 pub mod m0001_entry_format_2;
+pub mod m0002_entry_format_3;
 
 use crate::cache::key::KeyHash;
 
@@ -33,8 +34,11 @@ pub trait Migration: Sync {
 
 /// Every migration, in order.
 pub fn all() -> &'static [&'static dyn Migration] {
-    &[&m0001_entry_format_2::EntryFormat2]
+    &[
+        &m0001_entry_format_2::EntryFormat2,
+        &m0002_entry_format_3::EntryFormat3,
+    ]
 }
 
 /// The keyspace version this build reads and writes.
-pub const LATEST: u32 = 1;
+pub const LATEST: u32 = 2;

@@ -34,11 +34,11 @@ pub async fn collect<'a>(
     let ledger = ledger::read_ledger(store, None).await?;
     let mut names: HashMap<u32, String> = models
         .into_iter()
-        .map(|m| (entry::model_tag(m), m.to_owned()))
+        .map(|m| (entry::tag(m), m.to_owned()))
         .collect();
     for (account, _) in &ledger {
         names
-            .entry(entry::model_tag(&account.model))
+            .entry(entry::tag(&account.model))
             .or_insert_with(|| account.model.clone());
     }
     let mut stats = Stats {
@@ -50,8 +50,8 @@ pub async fn collect<'a>(
     loop {
         let (next, heads) = store.scan_heads(&cursor, 1000, HEADER_LEN).await?;
         for head in heads {
-            let model = entry::model_tag_of_head(&head.head)
-                .and_then(|tag| names.get(&tag).cloned())
+            let model = entry::read_header(&head.head)
+                .and_then(|header| names.get(&header.model_tag).cloned())
                 .unwrap_or_else(|| "unknown".to_owned());
             for bucket in [&mut stats.total, stats.by_model.entry(model).or_default()] {
                 bucket.entries += 1;

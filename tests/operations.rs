@@ -9,6 +9,7 @@ use common::*;
 use embgate::migrate::{self, MigrateError};
 use embgate::migrations::LATEST;
 use embgate::migrations::m0001_entry_format_2::encode_v1;
+use embgate::migrations::m0002_entry_format_3::encode_v2;
 use embgate::protocol::Input;
 use fake_vendor::FakeVendor;
 use serde_json::{Value, json};
@@ -81,14 +82,20 @@ async fn the_ledger_survives_a_restart() {
     drop(first);
 }
 
-/// Writes `n` entries the way the first layout did, with the vendor's vectors.
-async fn write_format_1(gw: &TestGateway, n: usize) -> Vec<String> {
-    let texts: Vec<String> = (0..n).map(|i| format!("legacy entry {i}")).collect();
+/// Writes `n` entries in an earlier layout (1 or 2), with the vendor's vectors.
+async fn write_legacy(gw: &TestGateway, format: u8, n: usize) -> Vec<String> {
+    let texts: Vec<String> = (0..n)
+        .map(|i| format!("format {format} entry {i}"))
+        .collect();
     for t in &texts {
         let hash = gw.key(SMALL, Some(8), &Input::Text(t.clone()));
         let vector = vendor_vector(SMALL, Some(8), &text(t));
         let tokens = fake_vendor::tokens(SMALL, &text(t)).expect("tokens");
-        gw.put_raw(hash, encode_v1(&hash, &vector, tokens)).await;
+        let value = match format {
+            1 => encode_v1(&hash, &vector, tokens),
+            _ => encode_v2(&hash, &vector, tokens, SMALL),
+        };
+        gw.put_raw(hash, value).await;
     }
     texts
 }
@@ -96,7 +103,8 @@ async fn write_format_1(gw: &TestGateway, n: usize) -> Vec<String> {
 #[tokio::test]
 async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entry() {
     let gw = TestGateway::start().await;
-    let texts = write_format_1(&gw, 300).await;
+    let mut texts = write_legacy(&gw, 1, 300).await;
+    texts.extend(write_legacy(&gw, 2, 100).await);
     let store = gw.store.as_ref();
 
     assert!(matches!(
@@ -109,7 +117,7 @@ async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entr
         .await
         .expect("partial run");
     assert!(!partial.complete);
-    assert!(partial.rewritten > 0 && partial.rewritten < 300);
+    assert!(partial.rewritten > 0 && partial.rewritten < 400);
     assert!(migrate::check(store).await.is_err());
 
     let rest = migrate::run_pending(store, 50, None)
@@ -117,7 +125,7 @@ async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entr
         .expect("resumed run");
     assert!(rest.complete);
     assert_eq!(rest.to_version, LATEST);
-    assert_eq!(partial.rewritten + rest.rewritten, 300, "each entry once");
+    assert_eq!(partial.rewritten + rest.rewritten, 400, "each entry once");
     assert_eq!(rest.unreadable, 0);
     migrate::check(store).await.expect("current now");
     let again = migrate::run_pending(store, 50, None)
@@ -180,7 +188,10 @@ async fn stats_report_entries_bytes_and_the_ledger() {
         .expect("stats");
     assert_eq!(stats.total.entries, 4);
     assert_eq!(stats.by_model[SMALL].entries, 3);
-    assert_eq!(stats.by_model[SMALL].bytes, 3 * (32 + 8 * 4));
+    assert_eq!(
+        stats.by_model[SMALL].bytes,
+        3 * (embgate::cache::entry::HEADER_LEN as u64 + 8 * 4)
+    );
     assert_eq!(
         stats.by_model["acme-embed-v1"].entries, 1,
         "named from the ledger"
@@ -298,7 +309,7 @@ async fn the_binary_serves_with_environment_configuration_and_stops_cleanly() {
 #[tokio::test]
 async fn the_binary_refuses_an_older_keyspace_and_says_what_to_run() {
     let gw = TestGateway::start().await;
-    write_format_1(&gw, 3).await;
+    write_legacy(&gw, 2, 3).await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
         .arg("serve")
         .env("EMBGATE__LISTEN", format!("127.0.0.1:{}", free_port()))

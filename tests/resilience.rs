@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use embgate::cache::entry::Entry;
+use embgate::cache::entry::{Entry, Origin};
 use embgate::protocol::Input;
 use fake_vendor::{FakeVendor, Fault, InputItem};
 use serde_json::{Value, json};
@@ -217,7 +217,12 @@ async fn a_corrupt_entry_is_served_fresh_and_repaired() {
         Some(8),
         &Input::Text("x".into()),
     );
-    let impostor = Entry::encode(&other, SMALL, &[0.5; 8], 1);
+    let origin = Origin {
+        model: SMALL,
+        upstream: &gw.vendor.base_url(),
+        tenant: None,
+    };
+    let impostor = Entry::encode(&other, &origin, &[0.5; 8], 1);
     for planted in [b"[0.1,0.2]".to_vec(), impostor.as_bytes().to_vec()] {
         gw.put_raw(key, planted).await;
         let (cache, body) = gw

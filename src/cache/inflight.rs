@@ -113,7 +113,12 @@ mod tests {
         assert!(second.iter().all(|c| matches!(c, Claim::Follow(_))));
         assert_eq!(inflight.len(), 2);
 
-        let entry = Entry::encode(&a, "m", &[1.0], 1);
+        let origin = crate::cache::entry::Origin {
+            model: "m",
+            upstream: "u",
+            tenant: None,
+        };
+        let entry = Entry::encode(&a, &origin, &[1.0], 1);
         let (Some(Claim::Lead(pb)), Some(Claim::Lead(pa))) = (first.pop(), first.pop()) else {
             panic!("leader claims expected");
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use super::{CallContext, Fetched, Miss, Pipeline};
-use crate::cache::entry::Entry;
+use crate::cache::entry::{Entry, Origin};
 use crate::cache::inflight::Promise;
 use crate::protocol::EmbeddingRequest;
 use crate::vendor::UpstreamError;
@@ -46,6 +46,11 @@ impl Pipeline {
         let mut kept = Vec::new();
         let mut holds = Vec::new();
         let mut first_error = None;
+        let origin = Origin {
+            model,
+            upstream: ctx.upstream.base_url(),
+            tenant: ctx.isolated_tenant.as_deref(),
+        };
         let mut answers = std::pin::pin!(batch.send(self.limits));
         while let Some(answer) = answers.next().await {
             let answer = match answer {
@@ -60,7 +65,7 @@ impl Pipeline {
             fetched.billed_tokens += answer.billed;
             for ((i, vector), tokens) in answer.range.zip(&answer.vectors).zip(answer.tokens) {
                 let miss = &misses[i];
-                let entry = Entry::encode(&miss.hash, model, vector, tokens);
+                let entry = Entry::encode(&miss.hash, &origin, vector, tokens);
                 if let Some(promise) = promises[i].take() {
                     promise.fulfil(entry.clone());
                     holds.push(promise);

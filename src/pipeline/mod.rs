@@ -65,6 +65,8 @@ pub struct CallContext {
     pub tenant: Arc<str>,
     /// Cache-key namespace: the upstream's, plus the tenant's when isolated.
     pub namespace: String,
+    /// The tenant whose entries are kept apart, recorded in them.
+    pub isolated_tenant: Option<Arc<str>>,
 }
 
 impl CallContext {
@@ -77,6 +79,7 @@ impl CallContext {
         CallContext {
             auth: CallerAuth::new(caller.key, headers),
             upstream,
+            isolated_tenant: caller.isolated.then(|| Arc::clone(&caller.tenant)),
             tenant: caller.tenant,
             namespace,
         }
