@@ -531,6 +531,36 @@ mod tests {
         assert_eq!(names, ["input_type", "z"]);
     }
 
+    /// The extra fields are part of every cache key (src/key.rs): the
+    /// names, the raw bytes of the values kept and their order must stay
+    /// what they have always been, or stored entries stop being found.
+    #[test]
+    fn extra_fields_key_the_same_as_always() {
+        let body = r#"{"z":1,"model":"m","b":{"x": [1, 2]},"input":"x","a":"first","dimensions":8,
+            "c":null,"b":"second","a" : "last" ,"é":1e400,"A":true}"#;
+        let r = parse(body).expect("valid");
+        let extra: Vec<(&str, &str)> = r.extra.iter().map(|(n, v)| (n.as_str(), v.get())).collect();
+        assert_eq!(
+            extra,
+            [
+                ("A", "true"),
+                ("a", "\"last\""),
+                ("b", "\"second\""),
+                ("c", "null"),
+                ("z", "1"),
+                ("é", "1e400"),
+            ]
+        );
+        let key = crate::key::KeyScope::of("ns", &r)
+            .hasher()
+            .key(&r.inputs[0])
+            .redis_key("p");
+        assert_eq!(
+            key,
+            "p:v1:e7897eace85ef1a612c645fa5da2d4531fee01640e9b55d59e8777508ffe9e31"
+        );
+    }
+
     #[test]
     fn rejects_what_the_vendor_rejects() {
         let cases = [
