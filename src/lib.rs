@@ -44,7 +44,6 @@ use crate::config::Settings;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::pipeline::Embedder;
-use crate::protocol::Limits;
 use crate::routes::AppState;
 use crate::store::Store;
 use crate::upstream::Upstreams;
@@ -101,10 +100,7 @@ impl Gateway {
             auth,
             embedder: Arc::clone(&embedder),
             metrics: Arc::clone(&metrics),
-            limits: Limits {
-                max_inputs: settings.limits.max_inputs,
-                max_input_bytes: settings.limits.max_input_bytes,
-            },
+            limits: settings.limits.request(),
             max_body_bytes: settings.limits.max_body_bytes,
         };
         Ok(Gateway {
