@@ -20,8 +20,8 @@ const LIMITS: Limits = Limits {
 
 const KNOWN: [&str; 5] = ["model", "input", "encoding_format", "dimensions", "user"];
 
-/// `cases` unless `PROPTEST_CASES` asks for more (a config given in code
-/// would otherwise override proptest's own variable).
+/// `cases`, or `PROPTEST_CASES` when set (a config given in code would
+/// otherwise override proptest's own variable).
 fn cases(cases: u32) -> ProptestConfig {
     let wanted = std::env::var("PROPTEST_CASES")
         .ok()
