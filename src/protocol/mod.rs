@@ -272,7 +272,7 @@ impl<'de> Visitor<'de> for FieldsSeed<'_> {
                 "encoding_format" => &mut fields.encoding_format,
                 "dimensions" => &mut fields.dimensions,
                 "user" => &mut fields.user,
-                _ if fields.extra.len() == self.max_extra => {
+                _ if fields.extra.len() >= self.max_extra => {
                     *self.too_many_extra = true;
                     return Err(de::Error::custom("too many fields"));
                 }
