@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request work on the cache-hit path: parsing
 //! the body, deriving one key per input, verifying the stored entries and
-//! writing the response. `bench/run.sh` runs them next to the end-to-end
+//! writing the response; and parsing a body of many unknown fields, whose
+//! time per field should stay flat as their count grows. `bench/run.sh` runs them next to the end-to-end
 //! load benchmark; alone: `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
@@ -18,6 +19,8 @@ const DIMS: usize = 1536;
 const LIMITS: Limits = Limits {
     max_inputs: 2048,
     max_input_bytes: 1 << 20,
+    max_extra_fields: 16,
+    max_model_bytes: 256,
 };
 
 /// The same shape of text the load benchmark sends (about 20 tokens).
@@ -61,6 +64,31 @@ fn parse(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &body, |b, body| {
             b.iter(|| protocol::parse_request(black_box(body), LIMITS).expect("valid"))
+        });
+    }
+    group.finish();
+}
+
+/// Bodies of `n` distinct unknown fields in no particular order (the limit
+/// raised to let them in): the time per field should stay about the same
+/// from 10 to 1000 fields.
+fn parse_extra_fields(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse_extra_fields");
+    for n in [10usize, 100, 1000] {
+        let mut body = format!(r#"{{"model":"{MODEL}","input":"{}""#, text(0));
+        for i in 0..n as u32 {
+            let name = i.wrapping_mul(0x9E37_79B9);
+            body.push_str(&format!(r#","vendor_param_{name:08x}":"query""#));
+        }
+        body.push('}');
+        let body = body.into_bytes();
+        let limits = Limits {
+            max_extra_fields: n,
+            ..LIMITS
+        };
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &body, |b, body| {
+            b.iter(|| protocol::parse_request(black_box(body), limits).expect("valid"))
         });
     }
     group.finish();
@@ -144,6 +172,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = parse, keys, decode, write
+    targets = parse, parse_extra_fields, keys, decode, write
 }
 criterion_main!(hot_path);

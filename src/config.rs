@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::protocol::Limits;
+
 /// The defaults, written as the TOML a user would write. Every key a user can
 /// set has a value here, so `.env.example` and the README can be checked
 /// against one place.
@@ -71,6 +73,8 @@ cache_headers = true
 max_body_bytes = 67108864
 max_inputs = 2048
 max_input_bytes = 1048576
+max_extra_fields = 16
+max_model_bytes = 256
 
 [prices]
 "text-embedding-3-small" = 0.02
@@ -275,6 +279,25 @@ pub struct LimitSettings {
     pub max_inputs: usize,
     /// Longest single input, in bytes of UTF-8 (or 4 bytes per token id).
     pub max_input_bytes: usize,
+    /// Request fields besides OpenAI's five. Vendors define a handful each
+    /// (`input_type`, `truncate`, `output_dtype`...); every one is forwarded
+    /// and hashed into each input's key, so thousands are refused up front.
+    pub max_extra_fields: usize,
+    /// Longest model name, in bytes: it travels into keys, entry tags, logs
+    /// and labels.
+    pub max_model_bytes: usize,
+}
+
+impl LimitSettings {
+    /// The limits a request body is parsed under.
+    pub fn request(&self) -> Limits {
+        Limits {
+            max_inputs: self.max_inputs,
+            max_input_bytes: self.max_input_bytes,
+            max_extra_fields: self.max_extra_fields,
+            max_model_bytes: self.max_model_bytes,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -439,7 +462,10 @@ impl Settings {
                 });
             }
         }
-        if self.limits.max_inputs == 0 || self.limits.max_body_bytes == 0 {
+        if self.limits.max_inputs == 0
+            || self.limits.max_body_bytes == 0
+            || self.limits.max_model_bytes == 0
+        {
             return invalid("limits", "limits must be positive");
         }
         if let Some((model, _)) = self
@@ -532,6 +558,8 @@ mod tests {
             "nothing passes on the gateway's key"
         );
         assert!(s.response.cache_headers);
+        let limits = s.limits.request();
+        assert_eq!((limits.max_extra_fields, limits.max_model_bytes), (16, 256));
     }
 
     fn refused_auto(s: &Settings) -> String {

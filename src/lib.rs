@@ -45,7 +45,6 @@ use crate::cache::store::{self, Store, StoreError};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::protocol::Limits;
 use crate::routes::AppState;
 use crate::server::ServerLimits;
 use crate::vendor::Upstreams;
@@ -179,10 +178,7 @@ impl Gateway {
             pipeline: Arc::clone(&engine.pipeline),
             accounting: Arc::clone(&engine.accounting),
             metrics: Arc::clone(&engine.metrics),
-            limits: Limits {
-                max_inputs: settings.limits.max_inputs,
-                max_input_bytes: settings.limits.max_input_bytes,
-            },
+            limits: settings.limits.request(),
             max_body_bytes: settings.limits.max_body_bytes,
             passthrough,
             cache_headers: settings.response.cache_headers,

@@ -204,7 +204,11 @@ async fn entries_never_expire_and_stay_compact() {
 async fn bad_requests_get_openai_errors_and_never_reach_the_vendor() {
     let gw = TestGateway::start_with(
         fake_vendor::FakeVendor::start().await,
-        &[("EMBGATE__LIMITS__MAX_BODY_BYTES", "100000")],
+        &[
+            ("EMBGATE__LIMITS__MAX_BODY_BYTES", "100000"),
+            ("EMBGATE__LIMITS__MAX_EXTRA_FIELDS", "2"),
+            ("EMBGATE__LIMITS__MAX_MODEL_BYTES", "40"),
+        ],
     )
     .await;
     let many: Vec<String> = (0..2049).map(|i| i.to_string()).collect();
@@ -247,6 +251,16 @@ async fn bad_requests_get_openai_errors_and_never_reach_the_vendor() {
             json!({"model": SMALL, "input": "x", "dimensions": -1}).to_string(),
             400,
             Some("dimensions"),
+        ),
+        (
+            json!({"model": "m".repeat(41), "input": "x"}).to_string(),
+            400,
+            Some("model"),
+        ),
+        (
+            json!({"model": SMALL, "input": "x", "a": 1, "b": 2, "c": 3}).to_string(),
+            400,
+            None,
         ),
         (
             json!({"model": SMALL, "input": "x".repeat(200_000)}).to_string(),

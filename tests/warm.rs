@@ -502,3 +502,34 @@ async fn an_interrupted_run_finishes_its_requests_in_flight_and_resumes() {
         assert_eq!(vendor.times_embedded(SMALL, None, &text(t)), 1, "{t}");
     }
 }
+
+#[tokio::test]
+async fn model_names_over_the_limit_are_refused() {
+    let scratch = Scratch::new();
+    let vendor = FakeVendor::start().await;
+    let settings = scratch.settings(&vendor);
+    let long = "m".repeat(settings.limits.max_model_bytes + 1);
+    let lines = [
+        format!(r#"{{"input": "alpha", "model": "{long}"}}"#),
+        r#""beta""#.to_owned(),
+    ];
+    let path = scratch.write("inputs.jsonl", &lines);
+
+    let opts = WarmOptions {
+        model: long.clone(),
+        ..options(&path)
+    };
+    let err = warm::warm(&settings, &opts).await.expect_err("refused");
+    assert!(
+        matches!(&err, WarmError::Options(m) if m.contains("--model") && m.contains("too long")),
+        "{err}"
+    );
+    assert_eq!(vendor.total_inputs_embedded(), 0);
+
+    let summary = warm::warm(&settings, &options(&path))
+        .await
+        .expect("warm succeeds");
+    assert_eq!(summary.bad_lines, 1);
+    assert!(summary.bad[0].reason.contains("too long"), "{summary:?}");
+    assert_eq!(vendor.total_inputs_embedded(), 1);
+}

@@ -65,6 +65,31 @@ impl Readiness {
     }
 }
 
+/// What a fetch holds until its entries are stored, so nobody else pays
+/// for them meanwhile: its single-flight claims in this process, and the
+/// leases it took on them in a fleet sharing the store.
+#[derive(Default)]
+pub struct Holds {
+    /// Fulfilled claims: requests arriving meanwhile get the entries.
+    pub claims: Vec<Promise>,
+    /// Fleet leases, released with `lease_token` once the write is done.
+    pub leases: Vec<KeyHash>,
+    pub lease_token: Option<Arc<str>>,
+}
+
+impl Holds {
+    /// Lets go of everything held: claims at once, leases in the store.
+    async fn release(self, store: &dyn Store, health: &Health) {
+        drop(self.claims);
+        if let Some(token) = self.lease_token
+            && !self.leases.is_empty()
+            && let Err(e) = store.release_leases(&self.leases, &token).await
+        {
+            health.failed(Side::Write, "lease", &e);
+        }
+    }
+}
+
 impl Cache {
     pub fn new(
         store: Arc<dyn Store>,
@@ -191,12 +216,12 @@ impl Cache {
 
     /// Keeps what the vendor returned: in the L1 at once, in the store in
     /// the background, so the caller is answered without waiting for the
-    /// write. `holds` are the fetch's single-flight claims, already
-    /// fulfilled: they stay registered until the write is done, so a request
-    /// arriving meanwhile gets the entry from them instead of missing the
-    /// store and paying again.
-    pub fn keep(&self, fetched: Vec<(KeyHash, Entry)>, holds: Vec<Promise>) {
+    /// write. The fetch's `holds` are let go once the write is done (or
+    /// skipped): until then a request arriving for these keys is handed the
+    /// entries instead of missing the store and paying again.
+    pub fn keep(&self, fetched: Vec<(KeyHash, Entry)>, holds: Holds) {
         if fetched.is_empty() {
+            self.let_go(holds);
             return;
         }
         if let Some(l1) = &self.l1 {
@@ -218,6 +243,7 @@ impl Cache {
                     &"writes are backing up (store.max_pending_write_bytes); these entries are not stored",
                 );
             }
+            self.let_go(holds);
             return;
         }
         let items: Vec<(KeyHash, Bytes)> = fetched
@@ -229,6 +255,7 @@ impl Cache {
         let gauge = self.metrics.store_pending_write_bytes.clone();
         gauge.set(i64::try_from(pending).unwrap_or(i64::MAX));
         let health = Arc::clone(&self.health);
+        let store = Arc::clone(&self.store);
         let writing = Arc::clone(&self.writing);
         writing.send_modify(|n| *n += 1);
         // The request's span goes along, so a failed write's log line names it.
@@ -236,14 +263,25 @@ impl Cache {
             let result = write.await;
             let left = pending_bytes.fetch_sub(bytes, Ordering::Relaxed) - bytes;
             gauge.set(i64::try_from(left).unwrap_or(i64::MAX));
-            writing.send_modify(|n| *n -= 1);
             match result {
                 Ok(()) => health.succeeded(Side::Write),
                 Err(e) => health.failed(Side::Write, "set", &e),
             }
-            drop(holds);
+            holds.release(store.as_ref(), &health).await;
+            writing.send_modify(|n| *n -= 1);
         };
         self.writes.spawn(write.in_current_span());
+    }
+
+    /// Lets go of `holds` with nothing to write.
+    fn let_go(&self, holds: Holds) {
+        if holds.leases.is_empty() {
+            drop(holds);
+            return;
+        }
+        let (store, health) = (Arc::clone(&self.store), Arc::clone(&self.health));
+        self.writes
+            .spawn(async move { holds.release(store.as_ref(), &health).await }.in_current_span());
     }
 
     /// Waits until no write is in flight (those started meanwhile included).

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use super::{CallContext, Fetched, Miss, Pipeline};
+use crate::cache::Holds;
 use crate::cache::entry::{Entry, Origin};
 use crate::cache::inflight::Promise;
 use crate::protocol::EmbeddingRequest;
@@ -17,14 +18,16 @@ use crate::vendor::tokens;
 impl Pipeline {
     /// Fetches `items` from the vendor. Each answered call is accounted as
     /// paid, encoded, handed to the requests waiting on its keys, and kept
-    /// by the cache (stored in the background).
+    /// by the cache (stored in the background, then `leases` let go).
     pub(super) async fn fetch(
         &self,
         req: &Arc<EmbeddingRequest>,
         ctx: &CallContext,
         items: Vec<(Miss, Option<Promise>)>,
+        leases: Holds,
     ) -> Result<Fetched, UpstreamError> {
         if items.is_empty() {
+            self.cache.keep(Vec::new(), leases);
             return Ok(Fetched::default());
         }
         let model = req.model.as_str();
@@ -44,7 +47,7 @@ impl Pipeline {
 
         let mut fetched = Fetched::default();
         let mut kept = Vec::new();
-        let mut holds = Vec::new();
+        let mut holds = leases;
         let mut first_error = None;
         let origin = Origin {
             model,
@@ -68,7 +71,7 @@ impl Pipeline {
                 let entry = Entry::encode(&miss.hash, &origin, vector, tokens);
                 if let Some(promise) = promises[i].take() {
                     promise.fulfil(entry.clone());
-                    holds.push(promise);
+                    holds.claims.push(promise);
                 }
                 kept.push((miss.hash, entry.clone()));
                 fetched.entries.push((miss.slot, entry));

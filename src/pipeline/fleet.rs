@@ -2,6 +2,7 @@
 //! per key decides which instance pays for it; the others wait for the
 //! entry to appear.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Miss, Pipeline};
@@ -19,7 +20,7 @@ pub(super) struct Leased {
 /// Coalescing across gateway instances through store leases.
 pub(super) struct Fleet {
     /// Identifies this process as a lease holder.
-    pub(super) token: String,
+    pub(super) token: Arc<str>,
     pub(super) lease: Duration,
     pub(super) poll: Duration,
 }
@@ -96,19 +97,5 @@ impl Pipeline {
         }
         ours.items.extend(theirs);
         (ours, shared)
-    }
-
-    pub(super) async fn release_leases(&self, fleet: &Fleet, leased: &[KeyHash]) {
-        if leased.is_empty() {
-            return;
-        }
-        if let Err(e) = self
-            .cache
-            .store()
-            .release_leases(leased, &fleet.token)
-            .await
-        {
-            self.cache.health().failed(Side::Write, "lease", &e);
-        }
     }
 }

@@ -21,10 +21,10 @@ use fleet::Fleet;
 
 use crate::accounting::Accounting;
 use crate::auth::Caller;
-use crate::cache::Cache;
 use crate::cache::entry::Entry;
 use crate::cache::inflight::{self, Claim, Promise};
 use crate::cache::key::{KeyHash, KeyHashMap, KeyHashState, KeyScope};
+use crate::cache::{Cache, Holds};
 use crate::config::Settings;
 use crate::protocol::EmbeddingRequest;
 use crate::vendor::batch::BatchLimits;
@@ -205,7 +205,7 @@ impl Pipeline {
             accounting,
             limits: BatchLimits::of(&settings.upstream),
             fleet: settings.coalesce.distributed.then(|| Fleet {
-                token: format!("{:032x}", rand::random::<u128>()),
+                token: Arc::from(format!("{:032x}", rand::random::<u128>())),
                 lease: Duration::from_millis(settings.coalesce.lease_ms),
                 poll: Duration::from_millis(settings.coalesce.poll_ms),
             }),
@@ -339,7 +339,7 @@ impl Pipeline {
         }
         if !orphans.is_empty() {
             // The leader failed or went away: fetch these ourselves.
-            let own = self.fetch(req, ctx, orphans).await?;
+            let own = self.fetch(req, ctx, orphans, Holds::default()).await?;
             fetched.absorb(own);
         }
         Ok(fetched)
@@ -369,22 +369,21 @@ impl Pipeline {
             }
         }
 
-        let mut leased = Vec::new();
+        // Leases on the keys we fetch are let go once their entries are
+        // stored, so another gateway polling for them finds them.
+        let mut holds = Holds::default();
         if let Some(fleet) = &self.fleet {
             let (ours, from_fleet) = self
                 .wait_for_fleet(fleet, req.dimensions, wait, pending)
                 .await;
             shared.extend(from_fleet);
-            leased = ours.leased;
+            holds.leases = ours.leased;
+            holds.lease_token = Some(Arc::clone(&fleet.token));
             pending = ours.items;
         }
 
         let items = pending.into_iter().map(|(m, p)| (m, Some(p))).collect();
-        let result = self.fetch(req, ctx, items).await;
-        if let Some(fleet) = &self.fleet {
-            self.release_leases(fleet, &leased).await;
-        }
-        let mut fetched = result?;
+        let mut fetched = self.fetch(req, ctx, items, holds).await?;
         fetched.shared.extend(shared);
         Ok(fetched)
     }

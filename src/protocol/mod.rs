@@ -6,7 +6,7 @@ mod floats;
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// One input to embed, exactly as the caller sent it.
@@ -43,7 +43,7 @@ pub struct EmbeddingRequest {
     pub user: Option<String>,
     /// Fields OpenAI does not define but other vendors do (e.g. `input_type`).
     /// They are forwarded and, since they may change the vector, keyed on.
-    /// Sorted by name.
+    /// Sorted by name; a repeated name keeps its last value, as in JSON.
     pub extra: Vec<(String, Box<RawValue>)>,
 }
 
@@ -52,6 +52,12 @@ pub struct EmbeddingRequest {
 pub struct Limits {
     pub max_inputs: usize,
     pub max_input_bytes: usize,
+    /// Fields besides the five OpenAI defines, counted as they are read
+    /// (a repeated name counts each time): each is kept, forwarded and
+    /// hashed into every input's key.
+    pub max_extra_fields: usize,
+    /// Longest model name, in bytes of UTF-8.
+    pub max_model_bytes: usize,
 }
 
 /// A request the vendor would refuse; becomes a 400 `invalid_request_error`.
@@ -69,21 +75,62 @@ fn invalid(param: Option<&'static str>, message: impl Into<String>) -> InvalidRe
     }
 }
 
+/// Checks a model name against the limits; requests and `embgate warm`
+/// lines both go through it.
+pub fn check_model(model: &str, limits: &Limits) -> Result<(), InvalidRequest> {
+    if model.len() > limits.max_model_bytes {
+        return Err(invalid(
+            Some("model"),
+            format!(
+                "The model name is too long: {} bytes, at most {} are allowed \
+                 (limits.max_model_bytes).",
+                model.len(),
+                limits.max_model_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses and validates a request body.
 pub fn parse_request(body: &[u8], limits: Limits) -> Result<EmbeddingRequest, InvalidRequest> {
-    let fields: Fields = serde_json::from_slice(body).map_err(|e| {
-        invalid(
-            None,
-            format!(
-                "We could not parse the JSON body of your request. The API expects a JSON object \
-                 with 'model' and 'input' ({e})."
-            ),
-        )
-    })?;
+    let mut too_many_extra = false;
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let parsed = FieldsSeed {
+        max_extra: limits.max_extra_fields,
+        too_many_extra: &mut too_many_extra,
+    }
+    .deserialize(&mut json)
+    .and_then(|fields| json.end().map(|()| fields));
+    let fields = match parsed {
+        Ok(fields) => fields,
+        Err(_) if too_many_extra => {
+            return Err(invalid(
+                None,
+                format!(
+                    "Too many fields: at most {} besides 'model', 'input', 'encoding_format', \
+                     'dimensions' and 'user' are accepted (limits.max_extra_fields).",
+                    limits.max_extra_fields
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err(invalid(
+                None,
+                format!(
+                    "We could not parse the JSON body of your request. The API expects a JSON \
+                     object with 'model' and 'input' ({e})."
+                ),
+            ));
+        }
+    };
 
     let model = match fields.model {
         Some(raw) => match serde_json::from_str::<Option<String>>(raw.get()) {
-            Ok(Some(m)) if !m.is_empty() => m,
+            Ok(Some(m)) if !m.is_empty() => {
+                check_model(&m, &limits)?;
+                m
+            }
             Ok(Some(_)) | Ok(None) => {
                 return Err(invalid(Some("model"), "you must provide a model parameter"));
             }
@@ -159,16 +206,29 @@ pub fn parse_request(body: &[u8], limits: Limits) -> Result<EmbeddingRequest, In
             .map_err(|_| invalid(Some("user"), "'user' must be a string"))?,
     };
 
-    let mut extra = fields.extra;
-    extra.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(EmbeddingRequest {
         model,
         inputs,
         encoding_format,
         dimensions,
         user,
-        extra,
+        extra: sorted_last_wins(fields.extra),
     })
+}
+
+/// Sorts fields by name and keeps the last value of a repeated name: the
+/// sort is stable, so repeats stay in the order they came in, and each run
+/// of them collapses into its first slot holding the last value.
+fn sorted_last_wins(mut extra: Vec<(String, Box<RawValue>)>) -> Vec<(String, Box<RawValue>)> {
+    extra.sort_by(|a, b| a.0.cmp(&b.0));
+    extra.dedup_by(|later, kept| {
+        let repeated = later.0 == kept.0;
+        if repeated {
+            std::mem::swap(&mut later.1, &mut kept.1);
+        }
+        repeated
+    });
+    extra
 }
 
 /// The top-level object, each field kept raw so that every field gets its
@@ -180,39 +240,50 @@ struct Fields {
     encoding_format: Option<Box<RawValue>>,
     dimensions: Option<Box<RawValue>>,
     user: Option<Box<RawValue>>,
+    /// Unknown fields in the order they came, repeats included.
     extra: Vec<(String, Box<RawValue>)>,
 }
 
-impl<'de> Deserialize<'de> for Fields {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct FieldsVisitor;
-        impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-                let mut fields = Fields::default();
-                while let Some(name) = map.next_key::<String>()? {
-                    let value: Box<RawValue> = map.next_value()?;
-                    let slot = match name.as_str() {
-                        "model" => &mut fields.model,
-                        "input" => &mut fields.input,
-                        "encoding_format" => &mut fields.encoding_format,
-                        "dimensions" => &mut fields.dimensions,
-                        "user" => &mut fields.user,
-                        _ => {
-                            fields.extra.retain(|(n, _)| *n != name);
-                            fields.extra.push((name, value));
-                            continue;
-                        }
-                    };
-                    *slot = Some(value);
+/// Reads [`Fields`], stopping at the first unknown field past `max_extra`
+/// (and saying so in `too_many_extra`) rather than collecting them all.
+struct FieldsSeed<'a> {
+    max_extra: usize,
+    too_many_extra: &'a mut bool,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldsSeed<'_> {
+    type Value = Fields;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldsSeed<'_> {
+    type Value = Fields;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut fields = Fields::default();
+        while let Some(name) = map.next_key::<String>()? {
+            let slot = match name.as_str() {
+                "model" => &mut fields.model,
+                "input" => &mut fields.input,
+                "encoding_format" => &mut fields.encoding_format,
+                "dimensions" => &mut fields.dimensions,
+                "user" => &mut fields.user,
+                _ if fields.extra.len() >= self.max_extra => {
+                    *self.too_many_extra = true;
+                    return Err(de::Error::custom("too many fields"));
                 }
-                Ok(fields)
-            }
+                _ => {
+                    fields.extra.push((name, map.next_value()?));
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
         }
-        d.deserialize_map(FieldsVisitor)
+        Ok(fields)
     }
 }
 
@@ -498,6 +569,8 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_inputs: 2048,
         max_input_bytes: 1 << 20,
+        max_extra_fields: 16,
+        max_model_bytes: 256,
     };
 
     fn parse(body: &str) -> Result<EmbeddingRequest, InvalidRequest> {
@@ -529,6 +602,36 @@ mod tests {
         let r = parse(r#"{"model":"m","input":"x","z":1,"input_type":"query"}"#).expect("ok");
         let names: Vec<_> = r.extra.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["input_type", "z"]);
+    }
+
+    /// The extra fields are part of every cache key (src/key.rs): the
+    /// names, the raw bytes of the values kept and their order must stay
+    /// what they have always been, or stored entries stop being found.
+    #[test]
+    fn extra_fields_key_the_same_as_always() {
+        let body = r#"{"z":1,"model":"m","b":{"x": [1, 2]},"input":"x","a":"first","dimensions":8,
+            "c":null,"b":"second","a" : "last" ,"é":1e400,"A":true}"#;
+        let r = parse(body).expect("valid");
+        let extra: Vec<(&str, &str)> = r.extra.iter().map(|(n, v)| (n.as_str(), v.get())).collect();
+        assert_eq!(
+            extra,
+            [
+                ("A", "true"),
+                ("a", "\"last\""),
+                ("b", "\"second\""),
+                ("c", "null"),
+                ("z", "1"),
+                ("é", "1e400"),
+            ]
+        );
+        let hash = crate::cache::key::KeyScope::of("ns", &r)
+            .hasher()
+            .key(&r.inputs[0]);
+        let key = crate::cache::key::KeyLayout::new("p").entry(&hash);
+        assert_eq!(
+            key,
+            "p:v1:e7897eace85ef1a612c645fa5da2d4531fee01640e9b55d59e8777508ffe9e31"
+        );
     }
 
     #[test]
@@ -577,6 +680,72 @@ mod tests {
         assert_eq!(parse(&many).expect_err("too many").param, Some("input"));
         let long = format!(r#"{{"model":"m","input":"{}"}}"#, "a".repeat((1 << 20) + 1));
         assert_eq!(parse(&long).expect_err("too long").param, Some("input"));
+
+        let model = |len| format!(r#"{{"model":"{}","input":"x"}}"#, "é".repeat(len));
+        assert_eq!(parse(&model(128)).expect("at the limit").model.len(), 256);
+        let err = parse(&model(129)).expect_err("model too long");
+        assert_eq!(err.param, Some("model"));
+        assert!(err.message.contains("at most 256"), "{}", err.message);
+    }
+
+    fn with_extra_fields(names: impl Iterator<Item = String>) -> String {
+        let fields: String = names.map(|n| format!(r#","{n}":0"#)).collect();
+        format!(r#"{{"model":"m","input":"x"{fields}}}"#)
+    }
+
+    #[test]
+    fn caps_the_count_of_extra_fields() {
+        let at_cap = with_extra_fields((0..16).map(|i| format!("f{i}")));
+        assert_eq!(parse(&at_cap).expect("at the limit").extra.len(), 16);
+        // Known fields do not count; a repeated unknown name counts each time.
+        let known =
+            r#"{"model":"m","input":"x","user":"u","dimensions":1,"encoding_format":"float"}"#;
+        assert!(
+            parse_request(
+                known.as_bytes(),
+                Limits {
+                    max_extra_fields: 0,
+                    ..LIMITS
+                }
+            )
+            .is_ok()
+        );
+        for body in [
+            with_extra_fields((0..17).map(|i| format!("f{i}"))),
+            with_extra_fields((0..17).map(|_| "same".to_owned())),
+        ] {
+            let err = parse(&body).expect_err("over the limit");
+            assert_eq!(err.param, None);
+            assert!(err.message.contains("at most 16"), "{}", err.message);
+            assert!(
+                err.message.contains("limits.max_extra_fields"),
+                "{}",
+                err.message
+            );
+        }
+        // Refused at the first field over the limit: what follows is not read.
+        let cut = format!("{},\"f99\":", &at_cap[..at_cap.len() - 1]) + "[[[";
+        assert!(
+            parse(&cut)
+                .expect_err("cut")
+                .message
+                .contains("max_extra_fields")
+        );
+        assert!(
+            parse(&at_cap[..at_cap.len() - 1])
+                .expect_err("cut")
+                .message
+                .contains("could not parse")
+        );
+    }
+
+    #[test]
+    fn a_repeated_field_keeps_its_last_value() {
+        let r =
+            parse(r#"{"model":"a","input":"x","k":1,"model":"b","j":2,"k":3,"k":4}"#).expect("ok");
+        assert_eq!(r.model, "b");
+        let extra: Vec<(&str, &str)> = r.extra.iter().map(|(n, v)| (n.as_str(), v.get())).collect();
+        assert_eq!(extra, [("j", "2"), ("k", "4")]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use indicatif::ProgressBar;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
-use crate::protocol::Input;
+use crate::protocol::{self, Input, Limits};
 
 use super::BadLine;
 
@@ -131,7 +131,8 @@ pub(super) struct Batcher {
     pub(super) buf: Vec<u8>,
     /// Longer lines are bad, and not held in memory.
     pub(super) max_line: usize,
-    pub(super) max_input_bytes: usize,
+    /// The server's request limits, for what a line holds.
+    pub(super) limits: Limits,
     pub(super) defaults: Group,
     pub(super) batch: usize,
     pub(super) seq: u64,
@@ -167,7 +168,7 @@ impl Batcher {
                 if self.line == 1 {
                     bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
                 }
-                parse_line(bytes, &self.defaults, self.max_input_bytes)
+                parse_line(bytes, &self.defaults, &self.limits)
             };
             let (group, input) = match parsed {
                 Line::Input(group, input) => (group, input),
@@ -247,7 +248,7 @@ impl Batcher {
 
 /// Classifies one line (without its newline, or with it: whitespace is
 /// trimmed).
-fn parse_line(raw: &[u8], defaults: &Group, max_input_bytes: usize) -> Line {
+fn parse_line(raw: &[u8], defaults: &Group, limits: &Limits) -> Line {
     let text = raw.trim_ascii();
     if text.is_empty() {
         return Line::Blank;
@@ -256,17 +257,13 @@ fn parse_line(raw: &[u8], defaults: &Group, max_input_bytes: usize) -> Line {
         Ok(v) => v,
         Err(e) => return Line::Bad(format!("not JSON ({e})")),
     };
-    match interpret(value, defaults, max_input_bytes) {
+    match interpret(value, defaults, limits) {
         Ok((group, input)) => Line::Input(group, input),
         Err(reason) => Line::Bad(reason),
     }
 }
 
-fn interpret(
-    value: Value,
-    defaults: &Group,
-    max_input_bytes: usize,
-) -> Result<(Group, Input), String> {
+fn interpret(value: Value, defaults: &Group, limits: &Limits) -> Result<(Group, Input), String> {
     let (input, model, dimensions) = match value {
         Value::Object(mut fields) => {
             let input = fields
@@ -274,7 +271,10 @@ fn interpret(
                 .ok_or("no \"input\" field".to_owned())?;
             let model = match fields.remove("model") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(m)) if !m.is_empty() => Some(m),
+                Some(Value::String(m)) if !m.is_empty() => {
+                    protocol::check_model(&m, limits).map_err(|e| e.message)?;
+                    Some(m)
+                }
                 Some(_) => return Err("\"model\" must be a non-empty string".into()),
             };
             let dimensions = match fields.remove("dimensions") {
@@ -317,9 +317,10 @@ fn interpret(
             ));
         }
     };
-    if input.byte_len() > max_input_bytes {
+    if input.byte_len() > limits.max_input_bytes {
         return Err(format!(
-            "input too long: at most {max_input_bytes} bytes (4 per token id)"
+            "input too long: at most {} bytes (4 per token id)",
+            limits.max_input_bytes
         ));
     }
     let group = Group {
@@ -352,7 +353,13 @@ mod tests {
     }
 
     fn parse(line: &str) -> Line {
-        parse_line(line.as_bytes(), &defaults(), 100)
+        let limits = Limits {
+            max_inputs: 1,
+            max_input_bytes: 100,
+            max_extra_fields: 0,
+            max_model_bytes: 20,
+        };
+        parse_line(line.as_bytes(), &defaults(), &limits)
     }
 
     fn bad(line: &str) -> String {
@@ -402,6 +409,8 @@ mod tests {
         assert!(bad(r#"{"model": "m"}"#).contains("no \"input\""));
         assert!(bad(r#"{"input": "x", "model": ""}"#).contains("model"));
         assert!(bad(r#"{"input": "x", "model": 3}"#).contains("model"));
+        let long_model = format!(r#"{{"input": "x", "model": "{}"}}"#, "m".repeat(21));
+        assert!(bad(&long_model).contains("model name is too long"));
         assert!(bad(r#"{"input": "x", "dimensions": 0}"#).contains("dimensions"));
         assert!(bad(r#"{"input": "x", "dimensions": "8"}"#).contains("dimensions"));
         assert!(bad(r#"{"input": "x", "input_type": "query"}"#).contains("input_type"));

@@ -62,6 +62,9 @@ pub async fn warm_until(
     interrupt: impl Future<Output = ()>,
 ) -> Result<WarmSummary, WarmError> {
     options.validate()?;
+    let limits = settings.limits.request();
+    crate::protocol::check_model(&options.model, &limits)
+        .map_err(|e| WarmError::Options(format!("--model: {e}")))?;
     let path = options.file.clone();
     let checkpoint_path = options.checkpoint_path();
     let io_error = |source| WarmError::Io {
@@ -176,7 +179,7 @@ pub async fn warm_until(
             .max_input_bytes
             .saturating_mul(6)
             .saturating_add(64 * 1024),
-        max_input_bytes: settings.limits.max_input_bytes,
+        limits,
         defaults: Group {
             model: options.model.clone(),
             dimensions: options.dimensions,
