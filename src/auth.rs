@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AuthMode, ConfigError, Settings};
+use crate::config::{AuthMode, ConfigError, Settings, TenantCache};
 use crate::metrics::Metrics;
 use crate::vendor::{Upstream, UpstreamError};
 
@@ -69,6 +69,15 @@ pub fn hash_key(key: &str) -> String {
     hex(&ApiKey::new(key).sha256())
 }
 
+/// The 32 bytes written as 64 hex digits.
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    (hex.len() == 64).then_some(hash)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -100,6 +109,8 @@ pub struct Caller {
     pub tenant: Arc<str>,
     /// This tenant's entries are kept apart.
     pub isolated: bool,
+    /// What this tenant's requests may do with the cache.
+    pub cache: TenantCache,
     /// Forward mode: the caller's vendor key, used for its misses.
     pub key: Option<ApiKey>,
 }
@@ -116,16 +127,21 @@ pub enum AuthError {
     /// The vendor could not say whether it accepts the key.
     #[error(transparent)]
     Vendor(#[from] UpstreamError),
+    #[error("The admin API is off: the operator enables it by setting admin.key_sha256.")]
+    AdminOff,
 }
 
 struct Tenant {
     name: Arc<str>,
     isolated: bool,
+    cache: TenantCache,
 }
 
 pub struct Auth {
     mode: AuthMode,
     tenants: HashMap<[u8; 32], Tenant>,
+    /// SHA-256 of the admin key, when the admin API is on.
+    admin: Option<[u8; 32]>,
     default_tenant: Arc<str>,
     /// Vendor verdicts by (endpoint, key hash); concurrent checks of one
     /// key share a single vendor call.
@@ -140,28 +156,30 @@ impl Auth {
         let mode = settings.auth_mode()?;
         let mut tenants = HashMap::new();
         for (name, t) in &settings.auth.tenants {
-            let mut hash = [0u8; 32];
-            for (i, byte) in hash.iter_mut().enumerate() {
-                *byte = t
-                    .key_sha256
-                    .get(2 * i..2 * i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| ConfigError::Invalid {
-                        key: "auth.tenants",
-                        reason: format!("{name}: key_sha256 is not hex SHA-256"),
-                    })?;
-            }
+            let hash = parse_sha256(&t.key_sha256).ok_or_else(|| ConfigError::Invalid {
+                key: "auth.tenants",
+                reason: format!("{name}: key_sha256 is not hex SHA-256"),
+            })?;
             tenants.insert(
                 hash,
                 Tenant {
                     name: Arc::from(name.as_str()),
                     isolated: t.isolated,
+                    cache: t.cache,
                 },
             );
         }
+        let admin = match settings.admin.key_sha256.as_str() {
+            "" => None,
+            hex => Some(parse_sha256(hex).ok_or_else(|| ConfigError::Invalid {
+                key: "admin.key_sha256",
+                reason: "not hex SHA-256".to_owned(),
+            })?),
+        };
         Ok(Auth {
             mode,
             tenants,
+            admin,
             default_tenant: Arc::from("default"),
             verdicts: moka::future::Cache::builder()
                 .max_capacity(100_000)
@@ -176,6 +194,18 @@ impl Auth {
     }
 
     /// Who is calling; gateway mode refuses unknown keys here.
+    /// Lets an operator in: only the admin key opens `/admin/*`; client
+    /// keys and vendor keys never do.
+    pub fn admin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        let admin = self.admin.ok_or(AuthError::AdminOff)?;
+        let key = presented_key(headers).ok_or(AuthError::Missing)?;
+        if key.sha256() == admin {
+            Ok(())
+        } else {
+            Err(AuthError::Rejected(key.id()))
+        }
+    }
+
     pub fn identify(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let presented = presented_key(headers);
         match self.mode {
@@ -188,6 +218,7 @@ impl Auth {
                 Ok(Caller {
                     tenant: Arc::clone(&tenant.name),
                     isolated: tenant.isolated,
+                    cache: tenant.cache,
                     key: None,
                 })
             }
@@ -195,11 +226,13 @@ impl Auth {
             AuthMode::Forward | AuthMode::Auto => Ok(Caller {
                 tenant: Arc::clone(&self.default_tenant),
                 isolated: false,
+                cache: TenantCache::ReadWrite,
                 key: Some(presented.ok_or(AuthError::Missing)?),
             }),
             AuthMode::Open => Ok(Caller {
                 tenant: Arc::clone(&self.default_tenant),
                 isolated: false,
+                cache: TenantCache::ReadWrite,
                 key: None,
             }),
         }

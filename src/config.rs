@@ -54,6 +54,13 @@ max_models = 100
 [l1]
 max_bytes = 134217728
 
+[cache]
+ttl_secs = 0
+refresh_ttl_on_hit = false
+
+[admin]
+key_sha256 = ""
+
 [auth]
 mode = "auto"
 verify_ttl_secs = 300
@@ -95,6 +102,8 @@ pub struct Settings {
     pub ledger: LedgerSettings,
     pub metrics: MetricsSettings,
     pub l1: L1Settings,
+    pub cache: CacheSettings,
+    pub admin: AdminSettings,
     pub passthrough: PassthroughSettings,
     pub response: ResponseSettings,
     /// More vendors, by name, each serving the models it lists.
@@ -102,6 +111,48 @@ pub struct Settings {
     pub upstreams: HashMap<String, NamedUpstream>,
     /// USD per 1M input tokens, by model name.
     pub prices: HashMap<String, f64>,
+}
+
+/// How long entries live. An embedding never changes, so by default they
+/// never expire; a TTL trades paying again for memory.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CacheSettings {
+    /// Seconds an entry lives once written; 0: forever.
+    pub ttl_secs: u64,
+    /// Per model, overriding `ttl_secs` (0: forever).
+    #[serde(default)]
+    pub model_ttl_secs: HashMap<String, u64>,
+    /// A hit extends the entry's life again (at most once per tenth of it).
+    pub refresh_ttl_on_hit: bool,
+}
+
+impl CacheSettings {
+    /// How long entries of `model` live once written; `None`: forever.
+    pub fn ttl(&self, model: &str) -> Option<Duration> {
+        let secs = self
+            .model_ttl_secs
+            .get(model)
+            .copied()
+            .unwrap_or(self.ttl_secs);
+        (secs > 0).then(|| Duration::from_secs(secs))
+    }
+
+    /// The shortest life any entry gets; `None` when every entry lives forever.
+    pub fn shortest_ttl(&self) -> Option<Duration> {
+        std::iter::once(self.ttl_secs)
+            .chain(self.model_ttl_secs.values().copied())
+            .filter(|s| *s > 0)
+            .min()
+            .map(Duration::from_secs)
+    }
+}
+
+/// The operators' API (`/admin/*`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminSettings {
+    /// Hex SHA-256 of the admin key (`embgate hash-key KEY`); empty: the
+    /// admin API refuses every request.
+    pub key_sha256: String,
 }
 
 /// Bounds on what clients can hold of the HTTP server.
@@ -215,6 +266,24 @@ pub struct TenantSettings {
     /// Keep this tenant's cache entries apart from everyone else's.
     #[serde(default)]
     pub isolated: bool,
+    /// What this tenant's requests may do with the cache.
+    #[serde(default)]
+    pub cache: TenantCache,
+}
+
+/// A tenant's use of the cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TenantCache {
+    /// Hits are served and misses stored; the tenant's own `Cache-Control`
+    /// applies.
+    #[default]
+    ReadWrite,
+    /// Hits are served; nothing is stored (bulk ingestion that should not
+    /// fill the cache).
+    ReadOnly,
+    /// Every input is fetched from the vendor and nothing is stored.
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -336,6 +405,10 @@ settings empty so that their keys pay);
   open     no caller authentication: anyone who reaches the port spends the gateway's key \
 (only behind access control of your own).";
 
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 impl Settings {
     /// Loads defaults, then `file` (if any), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -436,6 +509,22 @@ impl Settings {
                 });
             }
         }
+        if !self.admin.key_sha256.is_empty() {
+            if !is_sha256_hex(&self.admin.key_sha256) {
+                return invalid("admin.key_sha256", "must be 64 hex digits");
+            }
+            if self
+                .auth
+                .tenants
+                .values()
+                .any(|t| t.key_sha256.eq_ignore_ascii_case(&self.admin.key_sha256))
+            {
+                return invalid(
+                    "admin.key_sha256",
+                    "must not be a tenant's key: client keys never reach the admin API",
+                );
+            }
+        }
         if let Err(reason) = crate::passthrough::Allowlist::parse(&self.passthrough.allow) {
             return invalid("passthrough.allow", &reason);
         }
@@ -453,9 +542,12 @@ impl Settings {
                     "gateway mode needs the gateway's own vendor key on every upstream",
                 );
             }
-            if let Some((name, _)) = self.auth.tenants.iter().find(|(_, t)| {
-                t.key_sha256.len() != 64 || !t.key_sha256.chars().all(|c| c.is_ascii_hexdigit())
-            }) {
+            if let Some((name, _)) = self
+                .auth
+                .tenants
+                .iter()
+                .find(|(_, t)| !is_sha256_hex(&t.key_sha256))
+            {
                 return Err(ConfigError::Invalid {
                     key: "auth.tenants",
                     reason: format!("{name}: key_sha256 must be 64 hex digits"),

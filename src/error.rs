@@ -146,6 +146,13 @@ impl IntoResponse for ApiError {
                 None,
                 None,
             ),
+            ApiError::Auth(AuthError::AdminOff) => openai_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                &message,
+                None,
+                Some("admin_api_off"),
+            ),
             ApiError::Auth(AuthError::Rejected(_)) => openai_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",

@@ -1,5 +1,6 @@
 //! Periodic work kept off the request path: writing the savings ledger to
-//! the store, refreshing the store gauges (entries, bytes), and stamping
+//! the store, refreshing the store gauges (entries, bytes) and counting
+//! what the store evicted on its own, and stamping
 //! the keyspace version again if the store lost it (a Redis restarted
 //! without persistence).
 
@@ -21,8 +22,9 @@ pub async fn run(
     every: Duration,
     stop: CancellationToken,
 ) {
+    let mut evicted = None;
     loop {
-        tick(&ledger, store.as_ref(), &metrics).await;
+        tick(&ledger, store.as_ref(), &metrics, &mut evicted).await;
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => break,
@@ -30,7 +32,8 @@ pub async fn run(
     }
 }
 
-async fn tick(ledger: &Ledger, store: &dyn Store, metrics: &Metrics) {
+/// `evicted`: the store's eviction count at the previous tick.
+async fn tick(ledger: &Ledger, store: &dyn Store, metrics: &Metrics, evicted: &mut Option<u64>) {
     if let Err(e) = ledger.sync().await {
         metrics.store_errors.with_label_values(&["ledger"]).inc();
         tracing::debug!(error = %e, "ledger sync failed; will retry");
@@ -43,6 +46,17 @@ async fn tick(ledger: &Ledger, store: &dyn Store, metrics: &Metrics) {
             metrics
                 .store_memory_bytes
                 .set(i64::try_from(size.bytes).unwrap_or(i64::MAX));
+            if let Some(now) = size.evicted {
+                // The store counts since it started; a smaller count means it
+                // restarted, and everything it counted since is new.
+                let new = match *evicted {
+                    Some(before) if now >= before => now - before,
+                    Some(_) => now,
+                    None => 0,
+                };
+                metrics.store_evictions.inc_by(new);
+                *evicted = Some(now);
+            }
         }
         Err(e) => tracing::debug!(error = %e, "store size unavailable"),
     }

@@ -21,6 +21,7 @@ pub mod migrations;
 pub mod passthrough;
 pub mod pipeline;
 pub mod protocol;
+pub mod purge;
 pub mod request_id;
 pub mod routes;
 pub mod server;
@@ -61,6 +62,8 @@ pub enum StartupError {
     Upstream(String),
     #[error(transparent)]
     Keyspace(migrate::MigrateError),
+    #[error("purge: {0}")]
+    Purge(purge::PurgeError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -94,6 +97,7 @@ impl Engine {
             Arc::clone(&store),
             &settings.store,
             settings.l1.max_bytes,
+            settings.cache.shortest_ttl(),
             Arc::clone(&metrics),
         ));
         let upstreams =
@@ -182,6 +186,7 @@ impl Gateway {
             max_body_bytes: settings.limits.max_body_bytes,
             passthrough,
             cache_headers: settings.response.cache_headers,
+            purge: purge::Context::new(settings),
         };
         Ok(Gateway {
             router: routes::router(state, settings.server.max_requests_in_flight),

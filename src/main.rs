@@ -42,6 +42,18 @@ enum Command {
     },
     /// Fill the cache from a JSONL file of inputs (resumable batch re-indexing).
     Warm(embgate::warm::WarmOptions),
+    /// Delete entries by model, upstream, tenant or age (resumable; safe
+    /// while the gateway serves).
+    Purge {
+        #[command(flatten)]
+        filter: embgate::purge::Filter,
+        /// Only report what would go: entries, bytes, tokens and dollars.
+        #[arg(long)]
+        dry_run: bool,
+        /// Entries scanned per step.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
 }
 
 #[tokio::main]
@@ -72,6 +84,11 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Warm(options) => return embgate::warm::cli(&settings, &options).await,
+        Command::Purge {
+            filter,
+            dry_run,
+            batch,
+        } => purge(&settings, &filter, dry_run, batch).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,6 +133,21 @@ async fn stats(settings: &Settings) -> Result<(), embgate::StartupError> {
     let models = settings.prices.keys().map(String::as_str);
     let stats = embgate::stats::collect(store.as_ref(), models).await?;
     print!("{}", stats.render());
+    Ok(())
+}
+
+async fn purge(
+    settings: &Settings,
+    filter: &embgate::purge::Filter,
+    dry_run: bool,
+    batch: usize,
+) -> Result<(), embgate::StartupError> {
+    let store = embgate::cache::store::open(&settings.store)?;
+    let context = embgate::purge::Context::new(settings);
+    let report = embgate::purge::run(store.as_ref(), &context, filter, dry_run, batch, None)
+        .await
+        .map_err(embgate::StartupError::Purge)?;
+    print!("{report}");
     Ok(())
 }
 

@@ -54,6 +54,7 @@ type Resolved = HashMap<String, HashMap<String, Arc<RequestCounters>>>;
 pub struct Metrics {
     registry: Registry,
     pub cache_lookups: IntCounterVec,
+    pub cache_directives: IntCounterVec,
     pub cache_saved_tokens: IntCounterVec,
     pub cache_saved_usd: CounterVec,
     pub upstream_tokens: IntCounterVec,
@@ -71,6 +72,7 @@ pub struct Metrics {
     pub store_skipped: IntCounterVec,
     pub store_timeouts: IntCounter,
     pub store_pending_write_bytes: IntGauge,
+    pub store_evictions: IntCounter,
     pub coalesced_inputs: IntCounterVec,
     pub tenant_requests: IntCounterVec,
     pub tenant_saved_tokens: IntCounterVec,
@@ -150,6 +152,11 @@ impl Metrics {
                 "Distinct inputs looked up in the cache, by model and result (hit|miss).",
                 &["model", "result"],
             )?,
+            cache_directives: int_counter(
+                "embgate_cache_directives_total",
+                "Cache directives requests carried (Cache-Control or x-embgate-cache-control), by directive (no-cache|no-store|max-age|ignored).",
+                &["directive"],
+            )?,
             cache_saved_tokens: int_counter(
                 "embgate_cache_saved_tokens_total",
                 "Input tokens answered without paying the vendor, by model.",
@@ -211,6 +218,14 @@ impl Metrics {
                 "embgate_store_pending_write_bytes",
                 "Bytes of fetched entries answered but not yet written to the store.",
             )?,
+            store_evictions: {
+                let c = IntCounter::new(
+                    "embgate_store_evictions_total",
+                    "Entries the store dropped to make room (Redis evicted_keys under a maxmemory policy): paid vectors that will be paid again.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             store_timeouts: {
                 let c = IntCounter::new(
                     "embgate_store_timeouts_total",

@@ -66,6 +66,34 @@ pub async fn collect<'a>(
 }
 
 impl Stats {
+    /// The report as JSON (`GET /admin/stats`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let bucket = |b: &Bucket| serde_json::json!({"entries": b.entries, "bytes": b.bytes});
+        let by_model: serde_json::Map<String, serde_json::Value> = self
+            .by_model
+            .iter()
+            .map(|(model, b)| (model.clone(), bucket(b)))
+            .collect();
+        let ledger: Vec<serde_json::Value> = self
+            .ledger
+            .iter()
+            .map(|(account, value)| {
+                serde_json::json!({
+                    "model": account.model,
+                    "tenant": account.tenant,
+                    "kind": account.kind.as_str(),
+                    "value": value,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "keyspace_version": self.keyspace_version,
+            "total": bucket(&self.total),
+            "by_model": by_model,
+            "ledger": ledger,
+        })
+    }
+
     /// A plain-text report.
     pub fn render(&self) -> String {
         let mut out = String::new();

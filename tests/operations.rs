@@ -431,7 +431,7 @@ async fn large_lookups_come_back_in_order_chunk_by_chunk() {
         .filter(|(i, _)| i % 3 != 0)
         .map(|(i, k)| (*k, bytes::Bytes::from(format!("value {i}"))))
         .collect();
-    gw.store.put_many(stored).await.expect("stored");
+    gw.store.put_many(stored, None).await.expect("stored");
 
     let chunks: Vec<_> = gw
         .store

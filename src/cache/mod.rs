@@ -6,6 +6,7 @@
 //! The cache never fails a request: a lookup the store cannot answer in
 //! time is a miss, and a write it cannot take is skipped, both counted.
 
+pub mod control;
 pub mod entry;
 pub mod health;
 pub mod inflight;
@@ -25,7 +26,7 @@ use tracing::Instrument as _;
 use self::entry::Entry;
 use self::health::{Health, Side, SideState};
 use self::inflight::{Claim, Inflight, Promise};
-use self::key::KeyHash;
+use self::key::{KeyHash, KeyHashState};
 use self::l1::L1;
 use self::store::Store;
 use crate::config::StoreSettings;
@@ -45,6 +46,9 @@ pub struct Cache {
     /// the gateway hold every vector it fetched meanwhile.
     pending_write_bytes: Arc<AtomicU64>,
     max_pending_write_bytes: u64,
+    /// Keys whose expiry a hit pushed back lately, each kept a tenth of its
+    /// TTL: a hot entry is refreshed at most that often.
+    refreshed: moka::sync::Cache<KeyHash, Duration, KeyHashState>,
     /// A lookup gets at least this long...
     min_wait: Duration,
     /// ... and at most this long, however slow the vendor is.
@@ -62,6 +66,25 @@ pub struct Readiness {
 impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.read == SideState::Ok && self.write == SideState::Ok
+    }
+}
+
+/// Keys whose refresh is remembered at most (then the oldest are forgotten
+/// and may be refreshed once more).
+const REFRESHED_KEYS: u64 = 1 << 20;
+
+/// How long a refreshed key is remembered: the value it was stored with,
+/// a tenth of the TTL it got.
+struct TenthOfTtl;
+
+impl moka::Expiry<KeyHash, Duration> for TenthOfTtl {
+    fn expire_after_create(
+        &self,
+        _: &KeyHash,
+        remembered_for: &Duration,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(*remembered_for)
     }
 }
 
@@ -95,11 +118,16 @@ impl Cache {
         store: Arc<dyn Store>,
         settings: &StoreSettings,
         l1_max_bytes: u64,
+        l1_ttl: Option<Duration>,
         metrics: Arc<Metrics>,
     ) -> Cache {
         Cache {
             store,
-            l1: L1::new(l1_max_bytes),
+            l1: L1::new(l1_max_bytes, l1_ttl),
+            refreshed: moka::sync::Cache::builder()
+                .max_capacity(REFRESHED_KEYS)
+                .expire_after(TenthOfTtl)
+                .build_with_hasher(KeyHashState::default()),
             inflight: Arc::new(Inflight::default()),
             health: Arc::new(Health::new(settings, Arc::clone(&metrics))),
             metrics,
@@ -219,7 +247,7 @@ impl Cache {
     /// write. The fetch's `holds` are let go once the write is done (or
     /// skipped): until then a request arriving for these keys is handed the
     /// entries instead of missing the store and paying again.
-    pub fn keep(&self, fetched: Vec<(KeyHash, Entry)>, holds: Holds) {
+    pub fn keep(&self, fetched: Vec<(KeyHash, Entry)>, holds: Holds, ttl: Option<Duration>) {
         if fetched.is_empty() {
             self.let_go(holds);
             return;
@@ -250,7 +278,7 @@ impl Cache {
             .into_iter()
             .map(|(hash, entry)| (hash, entry.as_bytes().clone()))
             .collect();
-        let write = self.store.put_many(items);
+        let write = self.store.put_many(items, ttl);
         let pending_bytes = Arc::clone(&self.pending_write_bytes);
         let gauge = self.metrics.store_pending_write_bytes.clone();
         gauge.set(i64::try_from(pending).unwrap_or(i64::MAX));
@@ -271,6 +299,34 @@ impl Cache {
             writing.send_modify(|n| *n -= 1);
         };
         self.writes.spawn(write.in_current_span());
+    }
+
+    /// Pushes back the expiry of `hashes`, found by hits, to `ttl` from now;
+    /// keys refreshed less than a tenth of `ttl` ago are left alone.
+    pub fn refresh(&self, hashes: impl Iterator<Item = KeyHash>, ttl: Duration) {
+        let due: Vec<KeyHash> = hashes
+            .filter(|hash| {
+                let fresh = self.refreshed.contains_key(hash);
+                if !fresh {
+                    self.refreshed.insert(*hash, ttl / 10);
+                }
+                !fresh
+            })
+            .collect();
+        if due.is_empty() || !self.health.allow(Side::Write) {
+            return;
+        }
+        let refresh = self.store.expire_many(&due, ttl);
+        let health = Arc::clone(&self.health);
+        self.writes.spawn(
+            async move {
+                match refresh.await {
+                    Ok(()) => health.succeeded(Side::Write),
+                    Err(e) => health.failed(Side::Write, "expire", &e),
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     /// Lets go of `holds` with nothing to write.

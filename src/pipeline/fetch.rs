@@ -27,7 +27,7 @@ impl Pipeline {
         leases: Holds,
     ) -> Result<Fetched, UpstreamError> {
         if items.is_empty() {
-            self.cache.keep(Vec::new(), leases);
+            self.cache.keep(Vec::new(), leases, None);
             return Ok(Fetched::default());
         }
         let model = req.model.as_str();
@@ -79,7 +79,12 @@ impl Pipeline {
         }
         // Unfulfilled promises go now: their waiters fetch for themselves.
         drop(promises);
-        self.cache.keep(kept, holds);
+        // `no-store`: the entries were handed to waiting requests, and go no
+        // further.
+        if !ctx.policy.write {
+            kept.clear();
+        }
+        self.cache.keep(kept, holds, self.lifetimes.ttl(model));
 
         match first_error {
             Some(e) => Err(e),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Miss, Pipeline};
+use crate::cache::control::CachePolicy;
 use crate::cache::entry::Entry;
 use crate::cache::health::Side;
 use crate::cache::inflight::Promise;
@@ -34,6 +35,7 @@ impl Pipeline {
         fleet: &Fleet,
         dimensions: Option<u32>,
         wait: Duration,
+        policy: CachePolicy,
         items: Vec<(Miss, Promise)>,
     ) -> (Leased, Vec<(usize, Entry)>) {
         let store = self.cache.store();
@@ -72,7 +74,7 @@ impl Pipeline {
         while !theirs.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(fleet.poll).await;
             let hashes: Vec<KeyHash> = theirs.iter().map(|(m, _)| m.hash).collect();
-            let found = self.cache.lookup(&hashes, dimensions, wait, true).await;
+            let found = self.look_up(&hashes, dimensions, wait, true, policy).await;
             let mut waiting = Vec::new();
             for ((miss, promise), entry) in theirs.into_iter().zip(found) {
                 match entry {

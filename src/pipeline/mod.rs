@@ -21,11 +21,12 @@ use fleet::Fleet;
 
 use crate::accounting::Accounting;
 use crate::auth::Caller;
+use crate::cache::control::CachePolicy;
 use crate::cache::entry::Entry;
 use crate::cache::inflight::{self, Claim, Promise};
 use crate::cache::key::{KeyHash, KeyHashMap, KeyHashState, KeyScope};
 use crate::cache::{Cache, Holds};
-use crate::config::Settings;
+use crate::config::{CacheSettings, Settings};
 use crate::protocol::EmbeddingRequest;
 use crate::vendor::batch::BatchLimits;
 use crate::vendor::{CallerAuth, Upstream, UpstreamError};
@@ -67,10 +68,18 @@ pub struct CallContext {
     pub namespace: String,
     /// The tenant whose entries are kept apart, recorded in them.
     pub isolated_tenant: Option<Arc<str>>,
+    /// What this request may do with the cache.
+    pub policy: CachePolicy,
 }
 
 impl CallContext {
-    pub fn new(upstream: Arc<Upstream>, caller: Caller, model: &str, headers: &HeaderMap) -> Self {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        caller: Caller,
+        model: &str,
+        headers: &HeaderMap,
+        policy: CachePolicy,
+    ) -> Self {
         let mut namespace = upstream.namespace(model);
         if caller.isolated {
             namespace.push_str("\0tenant:");
@@ -82,6 +91,7 @@ impl CallContext {
             isolated_tenant: caller.isolated.then(|| Arc::clone(&caller.tenant)),
             tenant: caller.tenant,
             namespace,
+            policy,
         }
     }
 }
@@ -126,6 +136,8 @@ impl Outcome {
 pub struct Pipeline {
     cache: Arc<Cache>,
     accounting: Arc<Accounting>,
+    /// How long entries live (`cache.*`).
+    lifetimes: CacheSettings,
     limits: BatchLimits,
     fleet: Option<Fleet>,
     /// Fetches run as tasks so a caller hanging up never wastes a paid
@@ -203,6 +215,7 @@ impl Pipeline {
         Pipeline {
             cache,
             accounting,
+            lifetimes: settings.cache.clone(),
             limits: BatchLimits::of(&settings.upstream),
             fleet: settings.coalesce.distributed.then(|| Fleet {
                 token: Arc::from(format!("{:032x}", rand::random::<u128>())),
@@ -238,9 +251,14 @@ impl Pipeline {
         let keyed = Keyed::new(&req, &ctx.namespace);
         let wait = self.cache.lookup_wait(ctx.upstream.typical_latency());
         let mut found = self
-            .cache
-            .lookup(&keyed.hashes, req.dimensions, wait, false)
+            .look_up(&keyed.hashes, req.dimensions, wait, false, ctx.policy)
             .await;
+        if let Some(ttl) = self.lifetimes.ttl(&req.model)
+            && self.lifetimes.refresh_ttl_on_hit
+        {
+            let hits = keyed.hashes.iter().zip(&found).filter(|(_, e)| e.is_some());
+            self.cache.refresh(hits.map(|(hash, _)| *hash), ttl);
+        }
         let misses: Vec<Miss> = found
             .iter()
             .enumerate()
@@ -286,6 +304,30 @@ impl Pipeline {
             prompt_tokens,
             fetched_tokens,
         })
+    }
+
+    /// The cache's lookup as `policy` allows: none when the caller wants
+    /// every input fresh, and entries older than its `max-age` as misses.
+    async fn look_up(
+        &self,
+        hashes: &[KeyHash],
+        dimensions: Option<u32>,
+        wait: Duration,
+        again: bool,
+        policy: CachePolicy,
+    ) -> Vec<Option<Entry>> {
+        if !policy.read {
+            return vec![None; hashes.len()];
+        }
+        let mut found = self.cache.lookup(hashes, dimensions, wait, again).await;
+        if policy.max_age.is_some() {
+            for entry in &mut found {
+                if entry.as_ref().is_some_and(|e| !policy.accepts(e)) {
+                    *entry = None;
+                }
+            }
+        }
+        found
     }
 
     /// Fetches the misses this request leads, and waits for the ones other
@@ -356,7 +398,9 @@ impl Pipeline {
         // Another request may have stored some of these between our lookup
         // and our claim; looking again closes that window.
         let hashes: Vec<KeyHash> = lead.iter().map(|(m, _)| m.hash).collect();
-        let late = self.cache.lookup(&hashes, req.dimensions, wait, true).await;
+        let late = self
+            .look_up(&hashes, req.dimensions, wait, true, ctx.policy)
+            .await;
         let mut shared = Vec::new();
         let mut pending = Vec::with_capacity(lead.len());
         for ((miss, promise), entry) in lead.into_iter().zip(late) {
@@ -372,9 +416,11 @@ impl Pipeline {
         // Leases on the keys we fetch are let go once their entries are
         // stored, so another gateway polling for them finds them.
         let mut holds = Holds::default();
-        if let Some(fleet) = &self.fleet {
+        // A caller wanting fresh vectors does not wait for the store to show
+        // one: it would show the old one.
+        if let Some(fleet) = self.fleet.as_ref().filter(|_| ctx.policy.read) {
             let (ours, from_fleet) = self
-                .wait_for_fleet(fleet, req.dimensions, wait, pending)
+                .wait_for_fleet(fleet, req.dimensions, wait, ctx.policy, pending)
                 .await;
             shared.extend(from_fleet);
             holds.leases = ours.leased;

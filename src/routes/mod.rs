@@ -1,6 +1,7 @@
 //! HTTP routes: the cached embeddings endpoint, health, metrics, and
 //! everything else passed through to the vendor.
 
+mod admin;
 mod limits;
 mod track;
 
@@ -18,6 +19,7 @@ use tower::ServiceBuilder;
 use crate::accounting::Accounting;
 use crate::auth::Auth;
 use crate::body;
+use crate::cache::control::{CachePolicy, Directives};
 use crate::cache::entry::Entry;
 use crate::cache::health::SideState;
 use crate::error::ApiError;
@@ -25,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::passthrough::{self, Allowlist};
 use crate::pipeline::{CallContext, Pipeline};
 use crate::protocol::{self, EmbeddingResponse, Limits};
+use crate::purge;
 use crate::request_id::RequestIdLayer;
 use crate::vendor::Upstreams;
 
@@ -36,6 +39,8 @@ pub use self::limits::is_body_too_large;
 // Built once: a header inserted by `&str` is parsed on every call.
 const X_EMBGATE_CACHE: HeaderName = HeaderName::from_static("x-embgate-cache");
 const X_EMBGATE_UPSTREAM_TOKENS: HeaderName = HeaderName::from_static("x-embgate-upstream-tokens");
+const X_EMBGATE_CACHE_HITS: HeaderName = HeaderName::from_static("x-embgate-cache-hits");
+const X_EMBGATE_CACHE_MISSES: HeaderName = HeaderName::from_static("x-embgate-cache-misses");
 
 /// What every handler shares, behind one `Arc` so that handing it to a
 /// request is one reference count, not one per field.
@@ -51,6 +56,8 @@ pub struct AppState {
     pub passthrough: Allowlist,
     /// `response.cache_headers`: send the `x-embgate-*` headers.
     pub cache_headers: bool,
+    /// What the admin API's purges need from the configuration.
+    pub purge: purge::Context,
 }
 
 /// The routes; at most `max_requests_in_flight` embeddings and passthrough
@@ -70,6 +77,8 @@ pub fn router(state: AppState, max_requests_in_flight: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/admin/stats", get(admin::stats))
+        .route("/admin/purge", post(admin::purge))
         // One `layer` call: axum boxes each route's service once per call,
         // and clones that box on every request. Outermost first; the
         // limits inside, so refused requests are counted and carry an id.
@@ -101,7 +110,10 @@ async fn embeddings(
     let format = request.encoding_format;
     let upstream = Arc::clone(state.upstreams.route(&request.model));
     state.auth.admit(&caller, &upstream, &request.model).await?;
-    let ctx = CallContext::new(upstream, caller, &request.model, &headers);
+    let directives = Directives::of(&headers);
+    directives.count(&state.metrics);
+    let policy = CachePolicy::new(caller.cache, &directives);
+    let ctx = CallContext::new(upstream, caller, &request.model, &headers, policy);
     let tenant = Arc::clone(&ctx.tenant);
     let outcome = match state.pipeline.embed(Arc::new(request), ctx).await {
         Ok(outcome) => outcome,
@@ -113,6 +125,7 @@ async fn embeddings(
     state.accounting.served(&tenant, &model, &outcome);
 
     let (cache, upstream_tokens) = (outcome.cache_status(), outcome.billed_tokens);
+    let (hits, misses) = (outcome.hits, outcome.distinct - outcome.hits);
     let vectors: Vec<Payload> = outcome.entries.into_iter().map(Payload).collect();
     let response = EmbeddingResponse::new(model, vectors, format, outcome.prompt_tokens);
     let body = body::render(response);
@@ -131,6 +144,8 @@ async fn embeddings(
             X_EMBGATE_UPSTREAM_TOKENS,
             HeaderValue::from(upstream_tokens),
         );
+        h.insert(X_EMBGATE_CACHE_HITS, HeaderValue::from(hits));
+        h.insert(X_EMBGATE_CACHE_MISSES, HeaderValue::from(misses));
     }
     Ok(response)
 }

@@ -21,7 +21,14 @@ use crate::metrics::{Metrics, RouteMetrics};
 
 /// The `route` label of each routed path; anything unrouted is
 /// `passthrough`.
-const ROUTES: [&str; 4] = ["/v1/embeddings", "/metrics", "/healthz", "/readyz"];
+const ROUTES: [&str; 6] = [
+    "/v1/embeddings",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/admin/stats",
+    "/admin/purge",
+];
 
 struct Routes {
     routed: [Arc<RouteMetrics>; ROUTES.len()],

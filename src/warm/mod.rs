@@ -31,7 +31,7 @@ use tokio::io::{AsyncSeekExt as _, BufReader};
 use tokio::task::JoinSet;
 
 use crate::auth::Caller;
-use crate::config::Settings;
+use crate::config::{Settings, TenantCache};
 
 pub use checkpoint::{Checkpoint, read_checkpoint};
 pub use error::{Stop, WarmError};
@@ -207,8 +207,12 @@ pub async fn warm_until(
                 .tenants
                 .get(&options.tenant)
                 .is_some_and(|t| t.isolated),
+            // Warming is the operator's: `--refresh` and `--no-store` say
+            // what it does with the cache, not the tenant's mode.
+            cache: TenantCache::ReadWrite,
             key: options.api_key.clone(),
         },
+        policy: options.policy(),
     };
     let mut tracker = Tracker::new(start);
     let mut tally = Tally::default();

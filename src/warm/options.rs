@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::auth::ApiKey;
+use crate::cache::control::CachePolicy;
 
 use super::WarmError;
 
@@ -37,6 +38,14 @@ pub struct WarmOptions {
     /// Ignore the checkpoint and start from the first line.
     #[arg(long)]
     pub restart: bool,
+    /// Fetch every input from the vendor again and overwrite its entry
+    /// (as `Cache-Control: no-cache` does).
+    #[arg(long)]
+    pub refresh: bool,
+    /// Use what is cached but store nothing new (as `Cache-Control:
+    /// no-store` does).
+    #[arg(long)]
+    pub no_store: bool,
     /// Tenant the spend is recorded under; an isolated tenant (see
     /// `auth.tenants`) gets its own cache entries, as when it calls.
     #[arg(long, default_value = DEFAULT_TENANT)]
@@ -62,6 +71,15 @@ fn parse_api_key(s: &str) -> Result<ApiKey, String> {
 }
 
 impl WarmOptions {
+    /// What the run does with the cache.
+    pub fn policy(&self) -> CachePolicy {
+        CachePolicy {
+            read: !self.refresh,
+            write: !self.no_store,
+            max_age: None,
+        }
+    }
+
     /// The command's defaults, for `file`.
     pub fn new(file: impl Into<PathBuf>) -> WarmOptions {
         WarmOptions {
@@ -72,6 +90,8 @@ impl WarmOptions {
             concurrency: DEFAULT_CONCURRENCY,
             checkpoint: None,
             restart: false,
+            refresh: false,
+            no_store: false,
             tenant: DEFAULT_TENANT.into(),
             api_key: None,
             quiet: false,

@@ -11,6 +11,7 @@ use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::accounting::Accounting;
 use crate::auth::Caller;
+use crate::cache::control::CachePolicy;
 use crate::cache::key::KeyHash;
 use crate::config::Settings;
 use crate::pipeline::{CallContext, Pipeline};
@@ -50,6 +51,8 @@ pub(super) struct Run {
     pub(super) upstreams: Arc<Upstreams>,
     pub(super) accounting: Arc<Accounting>,
     pub(super) caller: Caller,
+    /// `--refresh` and `--no-store`.
+    pub(super) policy: CachePolicy,
 }
 
 /// A batch that is done: its inputs are in the cache.
@@ -114,6 +117,7 @@ impl Run {
             self.caller.clone(),
             &group.model,
             &HeaderMap::new(),
+            self.policy,
         );
         let request = Arc::new(EmbeddingRequest {
             model: group.model,
@@ -138,13 +142,15 @@ impl Run {
             }
         };
         self.accounting.served(&tenant, &request.model, &outcome);
-        self.verify_stored(&keys)
-            .await
-            .map_err(|reason| Stop::Store {
-                first: first_line,
-                last: last_line,
-                reason,
-            })?;
+        if self.policy.write {
+            self.verify_stored(&keys)
+                .await
+                .map_err(|reason| Stop::Store {
+                    first: first_line,
+                    last: last_line,
+                    reason,
+                })?;
+        }
         done.inputs = request.inputs.len() as u64;
         done.model = Some(request.model.clone());
         done.prompt_tokens = outcome.prompt_tokens;
@@ -158,6 +164,7 @@ impl Run {
     /// fails; a warm run must not count a batch as done before its entries
     /// are in the store.
     async fn verify_stored(&self, keys: &[KeyHash]) -> Result<(), String> {
+        self.pipeline.cache().settled().await;
         let store = self.pipeline.cache().store();
         let mut attempt = 0;
         loop {

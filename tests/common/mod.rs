@@ -226,7 +226,7 @@ impl TestGateway {
     /// Stores `bytes` as the entry of `key`, bypassing the gateway.
     pub async fn put_raw(&self, key: KeyHash, bytes: impl Into<Bytes>) {
         self.store
-            .put_many(vec![(key, bytes.into())])
+            .put_many(vec![(key, bytes.into())], None)
             .await
             .expect("stored");
     }

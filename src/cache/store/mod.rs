@@ -52,6 +52,9 @@ pub type Scanned<T> = Result<(Cursor, Vec<T>), StoreError>;
 pub struct StoreSize {
     pub entries: u64,
     pub bytes: u64,
+    /// Entries the store dropped for room since it started (Redis:
+    /// `evicted_keys`), for stores that evict on their own.
+    pub evicted: Option<u64>,
 }
 
 /// An entry's key and its first bytes (at most the entry header) and
@@ -97,8 +100,22 @@ pub trait Store: Send + Sync + 'static {
     /// within `limit`. A failed chunk makes only its own keys misses.
     fn get_many(&self, keys: &[KeyHash], limit: Duration) -> BoxStream<'static, Chunk>;
 
-    /// Stores every pair, without expiry.
-    fn put_many(&self, items: Vec<(KeyHash, Bytes)>) -> BoxFuture<'static, Result<(), StoreError>>;
+    /// Stores every pair, to expire after `ttl` (never when `None`).
+    fn put_many(
+        &self,
+        items: Vec<(KeyHash, Bytes)>,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Makes the entries of `keys` that exist expire `ttl` from now.
+    fn expire_many(
+        &self,
+        keys: &[KeyHash],
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Deletes the entries of `keys`; returns how many existed.
+    fn delete_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<u64, StoreError>>;
 
     /// Whether each key holds an entry.
     fn exist_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<Vec<bool>, StoreError>>;

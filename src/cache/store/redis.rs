@@ -146,15 +146,60 @@ impl Store for RedisStore {
         }
     }
 
-    fn put_many(&self, items: Vec<(KeyHash, Bytes)>) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn put_many(
+        &self,
+        items: Vec<(KeyHash, Bytes)>,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
         if items.is_empty() {
             return async { Ok(()) }.boxed();
         }
-        let mut cmd = redis::cmd("MSET");
+        let Some(ttl) = ttl else {
+            let mut cmd = redis::cmd("MSET");
+            for (key, value) in &items {
+                cmd.arg(self.layout.entry(key)).arg(value.as_ref());
+            }
+            return self.query::<()>(cmd);
+        };
+        let mut pipe = redis::pipe();
         for (key, value) in &items {
-            cmd.arg(self.layout.entry(key)).arg(value.as_ref());
+            pipe.cmd("SET")
+                .arg(self.layout.entry(key))
+                .arg(value.as_ref())
+                .arg("PX")
+                .arg(millis(ttl))
+                .ignore();
         }
-        self.query::<()>(cmd)
+        self.query_pipe::<()>(pipe)
+    }
+
+    fn expire_many(
+        &self,
+        keys: &[KeyHash],
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        if keys.is_empty() {
+            return async { Ok(()) }.boxed();
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("PEXPIRE")
+                .arg(self.layout.entry(key))
+                .arg(millis(ttl))
+                .ignore();
+        }
+        self.query_pipe::<()>(pipe)
+    }
+
+    fn delete_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<u64, StoreError>> {
+        if keys.is_empty() {
+            return async { Ok(0) }.boxed();
+        }
+        let mut cmd = redis::cmd("DEL");
+        for key in keys {
+            cmd.arg(self.layout.entry(key));
+        }
+        self.query(cmd)
     }
 
     fn exist_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<Vec<bool>, StoreError>> {
@@ -174,16 +219,19 @@ impl Store for RedisStore {
 
     fn size(&self) -> BoxFuture<'static, Result<StoreSize, StoreError>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("DBSIZE").cmd("INFO").arg("memory");
-        let answer = self.query_pipe::<(u64, String)>(pipe);
+        pipe.cmd("DBSIZE")
+            .cmd("INFO")
+            .arg("memory")
+            .cmd("INFO")
+            .arg("stats");
+        let answer = self.query_pipe::<(u64, String, String)>(pipe);
         async move {
-            let (entries, info) = answer.await?;
-            let bytes = info
-                .lines()
-                .find_map(|l| l.strip_prefix("used_memory:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            Ok(StoreSize { entries, bytes })
+            let (entries, memory, stats) = answer.await?;
+            Ok(StoreSize {
+                entries,
+                bytes: info_field(&memory, "used_memory").unwrap_or(0),
+                evicted: info_field(&stats, "evicted_keys"),
+            })
         }
         .boxed()
     }
@@ -204,7 +252,7 @@ impl Store for RedisStore {
                 .arg(token)
                 .arg("NX")
                 .arg("PX")
-                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+                .arg(millis(ttl));
         }
         let answers = self.query_pipe::<Vec<Option<String>>>(pipe);
         async move { Ok(answers.await?.into_iter().map(|a| a.is_some()).collect()) }.boxed()
@@ -402,6 +450,17 @@ async fn bounded<T>(
         Ok(result) => Ok(result?),
         Err(_) => Err(StoreError::Timeout(limit)),
     }
+}
+
+/// A numeric field of an `INFO` section.
+fn info_field(info: &str, name: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 fn unix_now() -> u64 {
