@@ -1,5 +1,6 @@
 //! Periodic work kept off the request path: writing the savings ledger to
-//! the store, refreshing the store gauges (entries, bytes), and stamping
+//! the store, refreshing the store gauges (entries, bytes) and evictions
+//! counter, and stamping
 //! the keyspace version again if the store lost it (a Redis restarted
 //! without persistence).
 
@@ -43,6 +44,12 @@ async fn tick(ledger: &Ledger, store: &dyn Store, metrics: &Metrics) {
             metrics
                 .store_memory_bytes
                 .set(i64::try_from(size.bytes).unwrap_or(i64::MAX));
+            // The store counts its evictions since it opened, as this
+            // process's counter does.
+            let counted = metrics.store_evictions.get();
+            if size.evicted > counted {
+                metrics.store_evictions.inc_by(size.evicted - counted);
+            }
         }
         Err(e) => tracing::debug!(error = %e, "store size unavailable"),
     }

@@ -82,6 +82,7 @@ pub struct Metrics {
     pub ledger_spent_usd: GaugeVec,
     pub store_entries: IntGauge,
     pub store_memory_bytes: IntGauge,
+    pub store_evictions: IntCounter,
     pub l1_hits: prometheus::IntCounter,
     resolved: RwLock<Resolved>,
 }
@@ -262,12 +263,20 @@ impl Metrics {
             )?,
             store_entries: int_gauge(
                 "embgate_store_entries",
-                "Entries in the store (for Redis: keys in the database, DBSIZE), refreshed periodically.",
+                "Entries in the store (embedded: entries; Redis: keys in the database, DBSIZE), refreshed periodically.",
             )?,
             store_memory_bytes: int_gauge(
                 "embgate_store_memory_bytes",
-                "Bytes the store uses (for Redis: INFO used_memory), refreshed periodically.",
+                "Bytes the store uses (embedded: keys and values of entries, as store.max_bytes counts them; Redis: INFO used_memory), refreshed periodically.",
             )?,
+            store_evictions: {
+                let c = IntCounter::new(
+                    "embgate_store_evictions_total",
+                    "Least recently used entries the embedded store evicted to stay within store.max_bytes.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             l1_hits: {
                 let c = prometheus::IntCounter::new(
                     "embgate_l1_hits_total",

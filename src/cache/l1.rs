@@ -1,6 +1,6 @@
-//! An optional in-process cache in front of Redis for hot keys, bounded in
+//! An optional in-process cache in front of the store for hot keys, bounded in
 //! bytes. Entries are immutable (a key is a content hash), so it can never
-//! serve a stale vector; it only saves the Redis round trip and transfer.
+//! serve a stale vector; it only saves the store round trip and copy.
 
 use moka::sync::Cache;
 

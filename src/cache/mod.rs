@@ -33,6 +33,9 @@ use crate::metrics::Metrics;
 pub struct Cache {
     store: Arc<dyn Store>,
     l1: Option<L1>,
+    /// The store evicts by recency and must hear of the L1's hits, or the
+    /// hottest entries would look the least used.
+    note_l1_hits: bool,
     inflight: Arc<Inflight>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -71,9 +74,11 @@ impl Cache {
         l1_max_bytes: u64,
         metrics: Arc<Metrics>,
     ) -> Cache {
+        let l1 = L1::new(l1_max_bytes);
         Cache {
+            note_l1_hits: l1.is_some() && store.tracks_use(),
             store,
-            l1: L1::new(l1_max_bytes),
+            l1,
             inflight: Arc::new(Inflight::default()),
             health: Arc::new(Health::new(settings, Arc::clone(&metrics))),
             metrics,
@@ -130,6 +135,13 @@ impl Cache {
                 let hits = (hashes.len() - wanted.len()) as u64;
                 if hits > 0 {
                     self.metrics.l1_hits.inc_by(hits);
+                    if self.note_l1_hits {
+                        let used: Vec<KeyHash> = (hashes.iter().zip(&found))
+                            .filter(|(_, entry)| entry.is_some())
+                            .map(|(hash, _)| *hash)
+                            .collect();
+                        self.store.note_use(&used);
+                    }
                 }
             }
             None => wanted.extend(0..hashes.len()),

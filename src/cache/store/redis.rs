@@ -183,7 +183,11 @@ impl Store for RedisStore {
                 .find_map(|l| l.strip_prefix("used_memory:"))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
-            Ok(StoreSize { entries, bytes })
+            Ok(StoreSize {
+                entries,
+                bytes,
+                evicted: 0,
+            })
         }
         .boxed()
     }
