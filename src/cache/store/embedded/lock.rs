@@ -1,6 +1,8 @@
 //! One process at a time: the store takes an exclusive lock on a file next
 //! to the database (`<file>.lock`) before opening it, and writes its pid and
-//! command line there, so a second process can say who holds the store.
+//! command there, so a second process can say who holds the store. The
+//! command is the program and its subcommand only: other arguments may hold
+//! a key (`warm --api-key`), and the record is shown to other processes.
 //!
 //! The kernel releases the lock when its holder exits, however it exits:
 //! what the file says is believed only while it is locked, so a file left
@@ -58,19 +60,39 @@ impl Lock {
     }
 }
 
-/// This process, as the lock file records it: pid, then command line.
+/// The subcommands that open the store.
+const SUBCOMMANDS: [&str; 4] = ["serve", "stats", "warm", "migrate"];
+
+/// This process, as the lock file records it: pid, then program and
+/// subcommand.
 fn holder_record() -> String {
-    let command: Vec<String> = std::env::args().collect();
-    format!("{}\n{}\n", std::process::id(), command.join(" "))
+    record(std::process::id(), std::env::args())
 }
+
+fn record(pid: u32, mut args: impl Iterator<Item = String>) -> String {
+    let mut command = args.next().unwrap_or_default();
+    if let Some(subcommand) = args.find(|a| SUBCOMMANDS.contains(&a.as_str())) {
+        command.push(' ');
+        command.push_str(&subcommand);
+    }
+    format!("{pid}\n{command}\n")
+}
+
+/// At most this much of another process's record is repeated.
+const MAX_SHOWN: usize = 256;
 
 /// Who holds the lock, from what it recorded.
 fn describe(record: &str) -> String {
     let mut lines = record.lines();
     match (lines.next().map(str::trim), lines.next()) {
-        (Some(pid), command) if !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) => {
+        (Some(pid), command)
+            if (1..=20).contains(&pid.len()) && pid.chars().all(|c| c.is_ascii_digit()) =>
+        {
             match command.map(str::trim).filter(|c| !c.is_empty()) {
-                Some(command) => format!("process {pid} ({command})"),
+                Some(command) => {
+                    let command: String = command.chars().take(MAX_SHOWN).collect();
+                    format!("process {pid} ({command})")
+                }
                 None => format!("process {pid}"),
             }
         }
@@ -140,6 +162,22 @@ mod tests {
         drop(held);
         // The record of a holder that is gone is not believed: taken over.
         Lock::acquire(&path).expect("taken over once released");
+    }
+
+    #[test]
+    fn the_record_names_program_and_subcommand_but_no_argument() {
+        let args = [
+            "/bin/embgate",
+            "--config",
+            "e.toml",
+            "warm",
+            "in.jsonl",
+            "--api-key",
+            "sk-secret",
+        ];
+        let record = record(7, args.into_iter().map(String::from));
+        assert_eq!(record, "7\n/bin/embgate warm\n");
+        assert_eq!(describe(&record), "process 7 (/bin/embgate warm)");
     }
 
     #[test]

@@ -249,7 +249,7 @@ impl Inner {
 /// Creates the keyspace's tables, and evicts what a lowered bound no longer
 /// allows; how many it evicted.
 fn prepare(db: &Database, tables: &Tables, max_bytes: u64) -> Result<u64, redb::Error> {
-    let txn = db.begin_write()?;
+    let txn = writer::begin(db)?;
     let evicted = {
         let mut open = Open::tables(&txn, tables)?;
         let evicted = match max_bytes {
@@ -324,6 +324,10 @@ impl Store for EmbeddedStore {
     }
 
     fn exist_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<Vec<bool>, StoreError>> {
+        if keys.len() > INLINE_KEYS {
+            let keys = keys.to_vec();
+            return self.read_blocking(move |inner| Ok(inner.snapshot()?.exist(&keys)?));
+        }
         let found = self.inner.snapshot().and_then(|s| Ok(s.exist(keys)?));
         async move { found }.boxed()
     }

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use redb::{Database, Durability};
+use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::recency::{MARKS_EVERY, UseMarks};
@@ -97,7 +97,10 @@ impl Writer {
                 Ok(request) => batch.push(request),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.commit(Vec::new(), self.marks.take());
+                    let marks = self.marks.take();
+                    if !marks.is_empty() {
+                        self.commit(Vec::new(), marks);
+                    }
                     return;
                 }
             }
@@ -146,9 +149,7 @@ impl Writer {
 
     fn apply(&self, ops: &[Op], marks: &[KeyHash]) -> Result<(Vec<Done>, u64), redb::Error> {
         let tick = unix_millis();
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.set_quick_repair(true);
+        let txn = begin(&self.db)?;
         let mut results = Vec::with_capacity(ops.len());
         let evicted;
         {
@@ -166,6 +167,15 @@ impl Writer {
         txn.commit()?;
         Ok((results, evicted))
     }
+}
+
+/// A write transaction as every commit of the store makes it: synced
+/// before it returns, and recording the allocator state (quick repair).
+pub(super) fn begin(db: &Database) -> Result<WriteTransaction, redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.set_quick_repair(true);
+    Ok(txn)
 }
 
 fn apply(open: &mut Open<'_>, op: &Op, tick: u64) -> Result<Done, redb::Error> {
