@@ -1,5 +1,7 @@
 # embgate: build with `docker build -t embgate .`, run with
-# `docker run -p 8080:8080 -e EMBGATE__STORE__URL=redis://HOST:6379/0 embgate`.
+# `docker run -p 8080:8080 -v embgate-data:/data embgate` (the cache in the
+# embedded store, /data/cache.redb on that volume), or with
+# `-e EMBGATE__STORE__URL=redis://HOST:6379/0` for a Redis shared by gateways.
 
 # ---- build -----------------------------------------------------------------
 FROM rust:1-bookworm AS builder
@@ -29,12 +31,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 embgate \
-    && useradd --system --uid 10001 --gid embgate --no-create-home --shell /usr/sbin/nologin embgate
+    && useradd --system --uid 10001 --gid embgate --no-create-home --shell /usr/sbin/nologin embgate \
+    && mkdir /data && chown 10001:10001 /data
 COPY --from=builder /usr/local/bin/embgate /usr/local/bin/embgate
 
 USER 10001:10001
 ENV EMBGATE__LISTEN=0.0.0.0:8080 \
+    EMBGATE__STORE__PATH=/data/cache.redb \
     RUST_LOG=info
+VOLUME /data
 EXPOSE 8080
 
 # No curl in the slim image: bash's /dev/tcp asks /healthz on the default port.

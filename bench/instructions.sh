@@ -58,6 +58,7 @@ measure() {
     [ "${2:-}" = native ] && runner=()
     port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
     EMBGATE__LISTEN="127.0.0.1:$port" \
+    EMBGATE__STORE__URL="${EMBGATE__STORE__URL:-redis://127.0.0.1:6379/0}" \
     EMBGATE__STORE__KEY_PREFIX="$prefix" \
     EMBGATE__UPSTREAM__BASE_URL="$vendor_url" \
     EMBGATE__UPSTREAM__API_KEY=sk-instructions \

@@ -24,7 +24,10 @@ max_requests_in_flight = 1024
 drain_timeout_secs = 30
 
 [store]
-url = "redis://127.0.0.1:6379/0"
+url = ""
+path = "embgate-data/cache.redb"
+max_bytes = 0
+cache_bytes = 268435456
 key_prefix = "embgate"
 timeout_ms = 50
 max_wait_ms = 1000
@@ -174,7 +177,15 @@ pub struct ServerSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct StoreSettings {
+    /// Redis shared by gateways; empty: the embedded store at `path`.
     pub url: String,
+    /// The embedded store's file (its directory is created at start).
+    pub path: String,
+    /// The embedded store evicts least recently used entries past this
+    /// many bytes of entries; 0: never (entries were paid for).
+    pub max_bytes: u64,
+    /// The embedded store's page cache, in memory.
+    pub cache_bytes: u64,
     pub key_prefix: String,
     /// A lookup waits for the store as long as the vendor typically takes
     /// to answer (waiting is cheaper than paying again), but at least this
@@ -211,7 +222,7 @@ pub struct UpstreamSettings {
     pub max_dimensions: u32,
 }
 
-/// The in-process cache in front of Redis.
+/// The in-process cache in front of the store.
 #[derive(Debug, Clone, Deserialize)]
 pub struct L1Settings {
     /// Bytes of entries kept in process; 0 disables it.
@@ -220,7 +231,7 @@ pub struct L1Settings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LedgerSettings {
-    /// How often the savings ledger is written to Redis and the store
+    /// How often the savings ledger is written to the store and the store
     /// gauges (entries, memory) are refreshed.
     pub sync_secs: u64,
 }
@@ -459,6 +470,25 @@ impl Settings {
         {
             return invalid("server", "limits and timeouts must be positive");
         }
+        if self.store.is_embedded() {
+            if self.store.path.trim().is_empty() {
+                return invalid(
+                    "store.path",
+                    "the embedded store needs a file (or set store.url)",
+                );
+            }
+            if self.coalesce.distributed {
+                return invalid(
+                    "coalesce.distributed",
+                    "coalescing across gateways needs a store they share: set store.url to a Redis",
+                );
+            }
+        } else if self.store.max_bytes > 0 {
+            return invalid(
+                "store.max_bytes",
+                "bounds the embedded store only; bound Redis with its own maxmemory",
+            );
+        }
         if self.store.key_prefix.is_empty() || self.store.key_prefix.contains(char::is_whitespace) {
             return invalid("store.key_prefix", "must be non-empty, without spaces");
         }
@@ -610,6 +640,11 @@ impl ServerSettings {
 }
 
 impl StoreSettings {
+    /// No Redis named: the gateway keeps its cache in its own file.
+    pub fn is_embedded(&self) -> bool {
+        self.url.trim().is_empty()
+    }
+
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
     }
@@ -633,6 +668,9 @@ mod tests {
         let s = Settings::load_from(None, env(&[])).expect("defaults load");
         assert_eq!(s.listen, "0.0.0.0:8080");
         assert_eq!(s.store.key_prefix, "embgate");
+        assert!(s.store.is_embedded(), "no Redis needed to start");
+        assert_eq!(s.store.path, "embgate-data/cache.redb");
+        assert_eq!(s.store.max_bytes, 0, "entries are never evicted by default");
         assert_eq!(s.upstream.base_url, "https://api.openai.com/v1");
         assert_eq!(s.upstream_api_key(), None);
         assert_eq!(s.prices["text-embedding-3-small"], 0.02);
@@ -848,5 +886,38 @@ deployments = { "any-model" = "any-deployment" }
             let err = Settings::load_from(None, env(&[(key, "0")]));
             assert!(matches!(err, Err(ConfigError::Invalid { .. })), "{key}");
         }
+    }
+
+    #[test]
+    fn the_embedded_store_is_one_process_s() {
+        let err = Settings::load_from(None, env(&[("EMBGATE__COALESCE__DISTRIBUTED", "true")]));
+        assert!(
+            matches!(
+                err,
+                Err(ConfigError::Invalid {
+                    key: "coalesce.distributed",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let redis = ("EMBGATE__STORE__URL", "redis://127.0.0.1:6379/0");
+        let fleet = Settings::load_from(
+            None,
+            env(&[redis, ("EMBGATE__COALESCE__DISTRIBUTED", "true")]),
+        )
+        .expect("a fleet shares a Redis");
+        assert!(!fleet.store.is_embedded());
+        let err = Settings::load_from(None, env(&[redis, ("EMBGATE__STORE__MAX_BYTES", "1000")]));
+        assert!(
+            matches!(
+                err,
+                Err(ConfigError::Invalid {
+                    key: "store.max_bytes",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use embgate::StartupError;
+use embgate::cache::store::embedded::lock::{self, Command as StoreCommand};
 use embgate::config::Settings;
 
 // Requests allocate many short-lived buffers; mimalloc handles that
@@ -75,20 +77,25 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match cli.command {
-        Command::Serve => embgate::run(&settings, shutdown_signal()).await,
-        Command::Migrate { batch } => migrate(&settings, batch).await,
-        Command::Stats => stats(&settings).await,
+    let (result, operation) = match cli.command {
+        Command::Serve => (embgate::run(&settings, shutdown_signal()).await, None),
+        Command::Migrate { batch } => {
+            (migrate(&settings, batch).await, Some(StoreCommand::Migrate))
+        }
+        Command::Stats => (stats(&settings).await, Some(StoreCommand::Stats)),
         Command::HashKey { key } => {
             println!("{}", embgate::auth::hash_key(&key));
-            Ok(())
+            (Ok(()), None)
         }
         Command::Warm(options) => return embgate::warm::cli(&settings, &options).await,
         Command::Purge {
             filter,
             dry_run,
             batch,
-        } => purge(&settings, &filter, dry_run, batch).await,
+        } => (
+            purge(&settings, &filter, dry_run, batch).await,
+            Some(StoreCommand::Purge),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,16 +107,21 @@ async fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("embgate: {e}");
+            if let (Some(operation), StartupError::Store(store)) = (operation, &e)
+                && lock::is_held(store)
+            {
+                eprintln!("{}", lock::what_to_do(operation));
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-async fn migrate(settings: &Settings, batch: usize) -> Result<(), embgate::StartupError> {
+async fn migrate(settings: &Settings, batch: usize) -> Result<(), StartupError> {
     let store = embgate::cache::store::open(&settings.store)?;
     let report = embgate::migrate::run_pending(store.as_ref(), batch.max(1), None)
         .await
-        .map_err(embgate::StartupError::Keyspace)?;
+        .map_err(StartupError::Keyspace)?;
     if report.from_version == report.to_version {
         println!(
             "keyspace at version {}: nothing to migrate",
@@ -128,7 +140,7 @@ async fn migrate(settings: &Settings, batch: usize) -> Result<(), embgate::Start
     Ok(())
 }
 
-async fn stats(settings: &Settings) -> Result<(), embgate::StartupError> {
+async fn stats(settings: &Settings) -> Result<(), StartupError> {
     let store = embgate::cache::store::open(&settings.store)?;
     let models = settings.prices.keys().map(String::as_str);
     let stats = embgate::stats::collect(store.as_ref(), models).await?;

@@ -221,7 +221,7 @@ impl Metrics {
             store_evictions: {
                 let c = IntCounter::new(
                     "embgate_store_evictions_total",
-                    "Entries the store dropped to make room (Redis evicted_keys under a maxmemory policy): paid vectors that will be paid again.",
+                    "Entries the store dropped to make room (Redis: evicted_keys under a maxmemory policy; embedded: least recently used past store.max_bytes): vectors that will be paid for again.",
                 )?;
                 registry.register(Box::new(c.clone()))?;
                 c
@@ -282,11 +282,11 @@ impl Metrics {
             )?,
             store_entries: int_gauge(
                 "embgate_store_entries",
-                "Entries in the store (for Redis: keys in the database, DBSIZE), refreshed periodically.",
+                "Entries in the store (embedded: entries; Redis: keys in the database, DBSIZE), refreshed periodically.",
             )?,
             store_memory_bytes: int_gauge(
                 "embgate_store_memory_bytes",
-                "Bytes the store uses (for Redis: INFO used_memory), refreshed periodically.",
+                "Bytes the store uses (embedded: keys and values of entries, as store.max_bytes counts them; Redis: INFO used_memory), refreshed periodically.",
             )?,
             l1_hits: {
                 let c = prometheus::IntCounter::new(

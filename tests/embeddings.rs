@@ -1,5 +1,6 @@
-//! The core contract of POST /v1/embeddings, end to end: real Redis, the
-//! fake vendor, the gateway on a loopback port.
+//! The core contract of POST /v1/embeddings, end to end: a real store
+//! (Redis, and the embedded store where the store matters), the fake
+//! vendor, the gateway on a loopback port.
 
 mod common;
 
@@ -8,11 +9,15 @@ use std::time::Duration;
 use common::*;
 use embgate::protocol::Input;
 use fake_vendor::{Fault, InputItem};
+use rstest::rstest;
 use serde_json::{Value, json};
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn miss_then_hit_returns_the_vendors_exact_vectors() {
-    let gw = TestGateway::start().await;
+async fn miss_then_hit_returns_the_vendors_exact_vectors(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     let body = json!({"model": SMALL, "input": ["alpha", "beta", "gamma"]});
 
     let (cache, first) = gw.embed(&body).await;
@@ -27,6 +32,7 @@ async fn miss_then_hit_returns_the_vendors_exact_vectors() {
     assert_eq!(first["data"][0]["object"], "embedding");
     assert_eq!(gw.vendor.embedding_requests().len(), 1);
 
+    gw.settled().await;
     let (cache, second) = gw.embed(&body).await;
     assert_eq!(cache, "hit");
     assert_eq!(second, first, "a hit answers exactly like the miss did");
@@ -52,14 +58,20 @@ async fn usage_matches_what_the_vendor_bills() {
     assert_eq!(hit["usage"], miss["usage"]);
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn a_partial_batch_sends_only_the_misses_and_keeps_the_callers_order() {
-    let gw = TestGateway::start().await;
+async fn a_partial_batch_sends_only_the_misses_and_keeps_the_callers_order(
+    #[case] backend: Backend,
+) {
+    let gw = TestGateway::on(backend).await;
     let dims = 8;
     let all: Vec<String> = (0..2048).map(|i| format!("document number {i}")).collect();
     let cached = &all[..2000];
     gw.embed(&json!({"model": SMALL, "input": cached, "dimensions": dims}))
         .await;
+    gw.settled().await;
     gw.vendor.reset_records();
 
     // Interleave new and cached inputs, in an order of our own.
@@ -94,9 +106,12 @@ async fn a_partial_batch_sends_only_the_misses_and_keeps_the_callers_order() {
     );
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn duplicates_in_one_request_are_fetched_once() {
-    let gw = TestGateway::start().await;
+async fn duplicates_in_one_request_are_fetched_once(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     let (_, body) = gw
         .embed(&json!({"model": SMALL, "input": ["same", "other", "same", "same"]}))
         .await;
@@ -132,9 +147,12 @@ async fn float_and_base64_carry_the_same_vectors_from_cache_and_vendor() {
     );
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn keys_are_separated_by_model_and_dimensions() {
-    let gw = TestGateway::start().await;
+async fn keys_are_separated_by_model_and_dimensions(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     let variants = [
         json!({"model": SMALL, "input": "shared text"}),
         json!({"model": SMALL, "input": "shared text", "dimensions": 64}),
@@ -143,6 +161,7 @@ async fn keys_are_separated_by_model_and_dimensions() {
         json!({"model": "text-embedding-ada-002", "input": "shared text"}),
     ];
     for round in 0..2 {
+        gw.settled().await;
         for v in &variants {
             let (cache, body) = gw.embed(v).await;
             assert_eq!(cache, if round == 0 { "miss" } else { "hit" }, "{v}");
@@ -181,9 +200,12 @@ async fn token_arrays_are_cached_apart_from_text() {
     assert_eq!(calls[1].inputs, vec![InputItem::Tokens(vec![9906])]);
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn entries_never_expire_and_stay_compact() {
-    let gw = TestGateway::start().await;
+async fn entries_never_expire_and_stay_compact(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     gw.embed(&json!({"model": SMALL, "input": ["kept forever"]}))
         .await;
     let key = gw.key(SMALL, None, &Input::Text("kept forever".into()));
@@ -191,13 +213,15 @@ async fn entries_never_expire_and_stay_compact() {
     let len = gw.raw(&key).await.expect("stored").len();
     assert!(len <= 4 * 1536 + 64, "entry is {len} bytes");
     assert!(len >= 4 * 1536);
-    let mut conn = gw.redis().await;
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(gw.redis_key(&key))
-        .query_async(&mut conn)
-        .await
-        .expect("ttl");
-    assert_eq!(ttl, -1, "no expiry");
+    if backend == Backend::Redis {
+        let mut conn = gw.redis().await;
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(gw.redis_key(&key))
+            .query_async(&mut conn)
+            .await
+            .expect("ttl");
+        assert_eq!(ttl, -1, "no expiry");
+    }
 }
 
 #[tokio::test]
@@ -507,13 +531,23 @@ async fn other_models_share_the_vendors_billed_usage() {
     );
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn health_readiness_and_metrics_routes() {
-    let gw = TestGateway::start().await;
+async fn health_readiness_and_metrics_routes(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     let get = |path: &str| gw.http.get(format!("{}{path}", gw.url)).send();
     assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
     let ready = get("/readyz").await.expect("readyz");
     assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.expect("json");
+    let kind = match backend {
+        Backend::Redis => "redis",
+        Backend::Embedded => "embedded",
+    };
+    assert_eq!(ready["store"], kind, "{ready}");
+    assert_eq!(ready["writes"], "ok", "{ready}");
     let metrics = get("/metrics").await.expect("metrics");
     assert_eq!(metrics.status(), 200);
     assert!(
@@ -538,9 +572,12 @@ async fn the_upstream_tokens_header_reports_what_was_paid() {
     assert_eq!(header(&response, "x-embgate-cache"), "hit");
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn large_responses_are_streamed_and_stay_exact() {
-    let gw = TestGateway::start().await;
+async fn large_responses_are_streamed_and_stay_exact(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     let inputs: Vec<String> = (0..200).map(|i| format!("a long document {i}")).collect();
     for format in ["float", "base64"] {
         let (_, body) = gw

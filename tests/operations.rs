@@ -1,5 +1,5 @@
 //! Operating embgate: the ledger across restarts, store gauges, keyspace
-//! migrations, `stats`, and the real binary.
+//! migrations, `stats`, and the real binary, on either store.
 
 mod common;
 
@@ -12,6 +12,7 @@ use embgate::migrations::m0001_entry_format_2::encode_v1;
 use embgate::migrations::m0002_entry_format_3::encode_v2;
 use embgate::protocol::Input;
 use fake_vendor::FakeVendor;
+use rstest::rstest;
 use serde_json::{Value, json};
 
 async fn wait_for_metric(gw: &TestGateway, sample: &str, wanted: f64) -> f64 {
@@ -26,10 +27,13 @@ async fn wait_for_metric(gw: &TestGateway, sample: &str, wanted: f64) -> f64 {
     seen
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn the_ledger_survives_a_restart() {
+async fn the_ledger_survives_a_restart(#[case] backend: Backend) {
     let fast = [("EMBGATE__LEDGER__SYNC_SECS", "1")];
-    let mut first = TestGateway::start_with(FakeVendor::start().await, &fast).await;
+    let first = TestGateway::start_on(backend, FakeVendor::start().await, &fast).await;
     let inputs = ["ledger one", "ledger two"];
     let tokens: u64 = inputs
         .iter()
@@ -39,21 +43,11 @@ async fn the_ledger_survives_a_restart() {
         first
             .embed(&json!({"model": SMALL, "input": inputs, "dimensions": 8}))
             .await;
+        first.settled().await;
     }
-    // Shutting down flushes what the last sync has not written yet.
-    first.shutdown().await;
-
-    let prefix = first.prefix.clone();
-    let url = first.vendor.base_url();
-    let second = TestGateway::start_with(
-        FakeVendor::start().await,
-        &[
-            ("EMBGATE__LEDGER__SYNC_SECS", "1"),
-            ("EMBGATE__STORE__KEY_PREFIX", &prefix),
-            ("EMBGATE__UPSTREAM__BASE_URL", &url),
-        ],
-    )
-    .await;
+    // Shutting down flushes what the last sync has not written yet; the
+    // second gateway opens the same store, as a restarted process would.
+    let second = first.restart(&fast).await;
     let saved = format!("embgate_ledger_saved_tokens{{model=\"{SMALL}\",tenant=\"default\"}}");
     let spent = format!("embgate_ledger_spent_tokens{{model=\"{SMALL}\",tenant=\"default\"}}");
     assert_eq!(
@@ -79,10 +73,16 @@ async fn the_ledger_survives_a_restart() {
     let entries = second.metric("embgate_store_entries").await;
     assert!(entries >= 2.0, "entries gauge: {entries}");
     assert!(second.metric("embgate_store_memory_bytes").await > 0.0);
-    drop(first);
+    // The entries outlived the first process too.
+    let (cache, _) = second
+        .embed(&json!({"model": SMALL, "input": inputs, "dimensions": 8}))
+        .await;
+    assert_eq!(cache, "hit");
 }
 
-/// Writes `n` entries in an earlier layout (1 or 2), with the vendor's vectors.
+/// Writes `n` entries in an earlier layout (1 or 2), with the vendor's
+/// vectors, in a keyspace without a version as those layouts left it (the
+/// gateway may have stamped the fresh keyspace at start).
 async fn write_legacy(gw: &TestGateway, format: u8, n: usize) -> Vec<String> {
     let texts: Vec<String> = (0..n)
         .map(|i| format!("format {format} entry {i}"))
@@ -97,12 +97,21 @@ async fn write_legacy(gw: &TestGateway, format: u8, n: usize) -> Vec<String> {
         };
         gw.put_raw(hash, value).await;
     }
+    gw.store
+        .meta_delete(migrate::VERSION_FIELD)
+        .await
+        .expect("meta");
     texts
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entry() {
-    let gw = TestGateway::start().await;
+async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entry(
+    #[case] backend: Backend,
+) {
+    let gw = TestGateway::on(backend).await;
     let mut texts = write_legacy(&gw, 1, 300).await;
     texts.extend(write_legacy(&gw, 2, 100).await);
     let store = gw.store.as_ref();
@@ -146,9 +155,12 @@ async fn migrations_upgrade_the_previous_layout_resumably_without_losing_an_entr
     assert!(gw.vendor.embedding_requests().is_empty());
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn keyspace_versions_fresh_newer_and_stamped() {
-    let gw = TestGateway::start().await;
+async fn keyspace_versions_fresh_newer_and_stamped(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     let store = gw.store.as_ref();
     migrate::check(store)
         .await
@@ -165,9 +177,13 @@ async fn keyspace_versions_fresh_newer_and_stamped() {
     ));
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn stats_report_entries_bytes_and_the_ledger() {
-    let gw = TestGateway::start_with(
+async fn stats_report_entries_bytes_and_the_ledger(#[case] backend: Backend) {
+    let gw = TestGateway::start_on(
+        backend,
         FakeVendor::start().await,
         &[("EMBGATE__LEDGER__SYNC_SECS", "1")],
     )
@@ -181,6 +197,7 @@ async fn stats_report_entries_bytes_and_the_ledger() {
     let saved = format!("embgate_ledger_saved_tokens{{model=\"{SMALL}\",tenant=\"default\"}}");
     let s1 = f64::from(fake_vendor::tokens(SMALL, &text("s1")).expect("tokens"));
     assert_eq!(wait_for_metric(&gw, &saved, s1).await, s1);
+    gw.settled().await;
 
     let store = gw.store.as_ref();
     let stats = embgate::stats::collect(store, [SMALL])
@@ -201,78 +218,31 @@ async fn stats_report_entries_bytes_and_the_ledger() {
     assert!(report.contains("acme-embed-v1"), "{report}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
+/// The real binary on `home`, in front of `vendor_url`.
+async fn serve(
+    home: &TestStore,
+    vendor_url: &str,
+    rust_log: &str,
+    stderr: std::process::Stdio,
+) -> Binary {
+    let mut env = home.env();
+    env.push(("EMBGATE__UPSTREAM__BASE_URL", vendor_url.to_owned()));
+    env.push(("RUST_LOG", rust_log.to_owned()));
+    Binary::serve(&env, None, stderr).await
 }
 
-/// The real binary, serving on a free port in front of `vendor_url`.
-struct Binary {
-    child: tokio::process::Child,
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Binary {
-    async fn serve(
-        vendor_url: &str,
-        prefix: &str,
-        rust_log: &str,
-        stderr: std::process::Stdio,
-    ) -> Binary {
-        let port = free_port();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
-            .arg("serve")
-            .env("EMBGATE__LISTEN", format!("127.0.0.1:{port}"))
-            .env("EMBGATE__STORE__URL", redis_url())
-            .env("EMBGATE__STORE__KEY_PREFIX", prefix)
-            .env("EMBGATE__UPSTREAM__BASE_URL", vendor_url)
-            .env("RUST_LOG", rust_log)
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starts");
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        let base = format!("http://127.0.0.1:{port}");
-        for _ in 0..100 {
-            if http
-                .get(format!("{base}/healthz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                return Binary { child, base, http };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the binary did not come up");
-    }
-
-    /// SIGTERM, then the exit status.
-    async fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("pid");
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("stops after SIGTERM")
-            .expect("status")
-    }
-}
-
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn the_binary_serves_with_environment_configuration_and_stops_cleanly() {
+async fn the_binary_serves_with_environment_configuration_and_stops_cleanly(
+    #[case] backend: Backend,
+) {
     let vendor = FakeVendor::start().await;
-    let prefix = unique_prefix();
-    let binary = Binary::serve(
+    let home = TestStore::new(backend);
+    let binary = serve(
+        &home,
         &vendor.base_url(),
-        &prefix,
         "warn",
         std::process::Stdio::inherit(),
     )
@@ -303,30 +273,34 @@ async fn the_binary_serves_with_environment_configuration_and_stops_cleanly() {
     }
     let status = binary.stop().await;
     assert!(status.success(), "{status:?}");
-    delete_prefix(&prefix);
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn the_binary_refuses_an_older_keyspace_and_says_what_to_run() {
-    let gw = TestGateway::start().await;
+async fn the_binary_refuses_an_older_keyspace_and_says_what_to_run(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     write_legacy(&gw, 2, 3).await;
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
-        .arg("serve")
+    let vendor_url = gw.vendor.base_url();
+    // Closed, so that the binary can open an embedded store.
+    let (_vendor, home) = gw.stop().await;
+    let serve = embgate(&["serve"])
         .env("EMBGATE__LISTEN", format!("127.0.0.1:{}", free_port()))
-        .env("EMBGATE__STORE__URL", redis_url())
-        .env("EMBGATE__STORE__KEY_PREFIX", &gw.prefix)
-        .env("EMBGATE__UPSTREAM__BASE_URL", gw.vendor.base_url())
-        .output()
+        .envs(home.env())
+        .env("EMBGATE__UPSTREAM__BASE_URL", vendor_url)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), serve)
         .await
+        .expect("refuses to serve rather than serving")
         .expect("runs");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("embgate migrate"), "{stderr}");
 
-    let migrated = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"))
-        .arg("migrate")
-        .env("EMBGATE__STORE__URL", redis_url())
-        .env("EMBGATE__STORE__KEY_PREFIX", &gw.prefix)
+    let migrated = embgate(&["migrate"])
+        .envs(home.env())
         .output()
         .await
         .expect("runs");
@@ -357,12 +331,12 @@ async fn keys_never_reach_the_logs() {
         ..fake_vendor::Options::default()
     })
     .await;
-    let prefix = unique_prefix();
-    let log_path = std::env::temp_dir().join(format!("{prefix}.log"));
+    let home = TestStore::new(Backend::Redis);
+    let log_path = std::env::temp_dir().join(format!("{}.log", home.prefix));
     let log = std::fs::File::create(&log_path).expect("log file");
-    let binary = Binary::serve(
+    let binary = serve(
+        &home,
         &vendor.base_url(),
-        &prefix,
         "trace",
         std::process::Stdio::from(log),
     )
@@ -399,7 +373,6 @@ async fn keys_never_reach_the_logs() {
     binary.stop().await;
     let logs = std::fs::read_to_string(&log_path).expect("logs");
     let _ = std::fs::remove_file(&log_path);
-    delete_prefix(&prefix);
     assert!(logs.lines().count() > 5, "trace logging was on:\n{logs}");
     for key in [good, bad] {
         assert!(!logs.contains(key), "a key leaked into the logs");
@@ -407,16 +380,23 @@ async fn keys_never_reach_the_logs() {
     }
 }
 
-/// A lookup larger than one MGET comes back chunk by chunk, each with the
-/// range of keys it answers, in order, absent keys as `None`.
+/// A large lookup comes back chunk by chunk (one per MGET for Redis), each
+/// with the range of keys it answers, in order, absent keys as `None`.
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn large_lookups_come_back_in_order_chunk_by_chunk() {
+async fn large_lookups_come_back_in_order_chunk_by_chunk(#[case] backend: Backend) {
     use embgate::cache::key::KeyHash;
-    use embgate::cache::store::redis::MGET_CHUNK_KEYS;
+    use embgate::cache::store::{embedded, redis::MGET_CHUNK_KEYS};
     use futures_util::StreamExt;
 
-    let gw = TestGateway::start().await;
-    let n = 2 * MGET_CHUNK_KEYS + 88;
+    let gw = TestGateway::on(backend).await;
+    let chunk = match backend {
+        Backend::Redis => MGET_CHUNK_KEYS,
+        Backend::Embedded => embedded::CHUNK_KEYS,
+    };
+    let n = 2 * chunk + 88;
     let keys: Vec<KeyHash> = (0..n)
         .map(|i| {
             let mut k = [0u8; 32];
@@ -439,14 +419,7 @@ async fn large_lookups_come_back_in_order_chunk_by_chunk() {
         .collect()
         .await;
     let ranges: Vec<_> = chunks.iter().map(|(r, _)| r.clone()).collect();
-    assert_eq!(
-        ranges,
-        vec![
-            0..MGET_CHUNK_KEYS,
-            MGET_CHUNK_KEYS..2 * MGET_CHUNK_KEYS,
-            2 * MGET_CHUNK_KEYS..n
-        ]
-    );
+    assert_eq!(ranges, vec![0..chunk, chunk..2 * chunk, 2 * chunk..n]);
     let values: Vec<Option<bytes::Bytes>> = chunks
         .into_iter()
         .flat_map(|(_, values)| values.expect("chunk answered"))

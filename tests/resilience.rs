@@ -1,5 +1,6 @@
 //! Never a wrong vector, never down: coalescing, batching, retries, store
-//! failures, corrupt entries and shutdown, against real Redis servers.
+//! failures, corrupt entries and shutdown, against real Redis servers (and
+//! the embedded store where the store matters).
 
 mod common;
 
@@ -11,13 +12,17 @@ use common::*;
 use embgate::cache::entry::{Entry, Origin};
 use embgate::protocol::Input;
 use fake_vendor::{FakeVendor, Fault, InputItem};
+use rstest::rstest;
 use serde_json::{Value, json};
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_identical_misses_cost_one_upstream_input() {
+async fn concurrent_identical_misses_cost_one_upstream_input(#[case] backend: Backend) {
     let vendor = FakeVendor::start().await;
     vendor.set_latency(Duration::from_millis(300));
-    let gw = Arc::new(TestGateway::start_with(vendor, &[]).await);
+    let gw = Arc::new(TestGateway::start_on(backend, vendor, &[]).await);
     let body = json!({"model": SMALL, "input": "everyone wants this", "dimensions": 16});
     let answers = futures_util::future::join_all((0..100).map(|_| {
         let gw = Arc::clone(&gw);
@@ -205,9 +210,12 @@ async fn a_vendor_failing_for_good_returns_its_last_error_and_caches_nothing() {
     assert!(gw.entries().await.is_empty());
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn a_corrupt_entry_is_served_fresh_and_repaired() {
-    let gw = TestGateway::start().await;
+async fn a_corrupt_entry_is_served_fresh_and_repaired(#[case] backend: Backend) {
+    let gw = TestGateway::on(backend).await;
     let input = Input::Text("fragile".into());
     let key = gw.key(SMALL, Some(8), &input);
     // A foreign value, then a valid entry of another key copied here.
@@ -375,11 +383,14 @@ async fn killing_redis_mid_load_fails_no_request_and_corrupts_nothing() {
     assert!(resumed);
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn shutdown_finishes_in_flight_requests_and_their_writes() {
+async fn shutdown_finishes_in_flight_requests_and_their_writes(#[case] backend: Backend) {
     let vendor = FakeVendor::start().await;
     vendor.set_latency(Duration::from_millis(400));
-    let mut gw = TestGateway::start_with(vendor, &[]).await;
+    let mut gw = TestGateway::start_on(backend, vendor, &[]).await;
     let request = gw
         .http
         .post(format!("{}/v1/embeddings", gw.url))
@@ -429,11 +440,14 @@ async fn oversized_inputs_are_refused() {
 /// Thousands of requests (400 in flight at once) with random overlapping batches across
 /// models, dimensions, encodings and input kinds: every vector must be the
 /// vendor's, and the vendor must see every distinct input exactly once.
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn torture_random_overlapping_batches() {
+async fn torture_random_overlapping_batches(#[case] backend: Backend) {
     let vendor = FakeVendor::start().await;
     vendor.set_latency(Duration::from_millis(5));
-    let gw = Arc::new(TestGateway::start_with(vendor, &[]).await);
+    let gw = Arc::new(TestGateway::start_on(backend, vendor, &[]).await);
     let variants: [(&str, Option<u32>); 5] = [
         (SMALL, Some(16)),
         (SMALL, Some(32)),

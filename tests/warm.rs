@@ -1,10 +1,12 @@
 //! `embgate warm`: filling the cache from a JSONL file, end to end against
-//! the real Redis and the fake vendor, including resuming after a stop.
+//! a real store (Redis or embedded) and the fake vendor, including resuming
+//! after a stop.
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -12,22 +14,23 @@ use embgate::config::Settings;
 use embgate::protocol::Input;
 use embgate::warm::{self, Checkpoint, Stop, WarmError, WarmOptions};
 use fake_vendor::{FakeVendor, Fault, InputItem};
+use rstest::rstest;
 use serde_json::{Value, json};
 
 const LARGE: &str = "text-embedding-3-large";
 
-/// A scratch directory and a Redis prefix, both removed on drop.
+/// A scratch directory for input files, and a store; both removed on drop.
 struct Scratch {
     dir: PathBuf,
-    prefix: String,
+    home: Arc<TestStore>,
 }
 
 impl Scratch {
-    fn new() -> Scratch {
-        let prefix = unique_prefix();
-        let dir = std::env::temp_dir().join(&prefix);
+    fn new(backend: Backend) -> Scratch {
+        let home = Arc::new(TestStore::new(backend));
+        let dir = std::env::temp_dir().join(&home.prefix);
         std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch { dir, prefix }
+        Scratch { dir, home }
     }
 
     fn write(&self, name: &str, lines: &[String]) -> PathBuf {
@@ -38,31 +41,27 @@ impl Scratch {
         path
     }
 
-    fn settings(&self, vendor: &FakeVendor) -> Settings {
-        settings_for(vendor, &self.prefix, &redis_url())
+    /// Settings for a run on this scratch's store; `store` overrides it.
+    fn settings(&self, vendor: &FakeVendor, store: &[(&str, String)]) -> Settings {
+        let env: HashMap<String, String> = [
+            ("EMBGATE__STORE__TIMEOUT_MS", "2000".to_owned()),
+            ("EMBGATE__UPSTREAM__BASE_URL", vendor.base_url()),
+            ("EMBGATE__AUTH__MODE", "open".to_owned()),
+            ("EMBGATE__UPSTREAM__API_KEY", "sk-test".to_owned()),
+        ]
+        .into_iter()
+        .chain(self.home.env())
+        .chain(store.iter().cloned())
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Settings::load_from(None, Some(env)).expect("test settings")
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-        delete_prefix(&self.prefix);
     }
-}
-
-fn settings_for(vendor: &FakeVendor, prefix: &str, redis: &str) -> Settings {
-    let env: HashMap<String, String> = [
-        ("EMBGATE__STORE__URL", redis),
-        ("EMBGATE__STORE__KEY_PREFIX", prefix),
-        ("EMBGATE__STORE__TIMEOUT_MS", "2000"),
-        ("EMBGATE__UPSTREAM__BASE_URL", &vendor.base_url()),
-        ("EMBGATE__AUTH__MODE", "open"),
-        ("EMBGATE__UPSTREAM__API_KEY", "sk-test"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    Settings::load_from(None, Some(env)).expect("test settings")
 }
 
 fn options(file: &Path) -> WarmOptions {
@@ -113,9 +112,12 @@ impl Case {
     }
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn fills_the_cache_fetching_each_distinct_input_once() {
-    let scratch = Scratch::new();
+async fn fills_the_cache_fetching_each_distinct_input_once(#[case] backend: Backend) {
+    let scratch = Scratch::new(backend);
     let vendor = FakeVendor::start().await;
     let token_case = Case {
         model: SMALL,
@@ -161,7 +163,7 @@ async fn fills_the_cache_fetching_each_distinct_input_once() {
     let distinct: HashSet<Case> = cases.iter().cloned().collect();
     assert_eq!(distinct.len(), 6);
 
-    let settings = scratch.settings(&vendor);
+    let settings = scratch.settings(&vendor, &[]);
     let opts = WarmOptions {
         batch: 2,
         concurrency: 3,
@@ -202,10 +204,11 @@ async fn fills_the_cache_fetching_each_distinct_input_once() {
     assert!((summary.usd_paid - usd_paid).abs() < 1e-12, "{summary:?}");
     assert!((summary.usd_saved - usd_saved).abs() < 1e-12, "{summary:?}");
     assert!(summary.unpriced_models.is_empty());
-    let store = embgate::cache::store::open(&settings.store).expect("store");
+    let store = open_store(&settings).await;
     let ledger = embgate::accounting::ledger::read_ledger(store.as_ref(), None)
         .await
         .expect("ledger");
+    drop(store);
     let spent: f64 = ledger
         .iter()
         .filter(|(account, _)| account.kind == embgate::accounting::ledger::Kind::SpentTokens)
@@ -233,10 +236,10 @@ async fn fills_the_cache_fetching_each_distinct_input_once() {
         );
     }
     assert_eq!(vendor.total_inputs_embedded(), 6);
-    let gw = TestGateway::start_with(
+    let gw = TestGateway::start_in(
+        Arc::clone(&scratch.home),
         vendor,
         &[
-            ("EMBGATE__STORE__KEY_PREFIX", &scratch.prefix),
             ("EMBGATE__AUTH__MODE", "open"),
             ("EMBGATE__UPSTREAM__API_KEY", "sk-test"),
         ],
@@ -259,9 +262,12 @@ async fn fills_the_cache_fetching_each_distinct_input_once() {
     assert_eq!(gw.vendor.total_inputs_embedded(), 6, "no vendor call since");
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn a_stopped_run_resumes_where_the_checkpoint_ends() {
-    let scratch = Scratch::new();
+async fn a_stopped_run_resumes_where_the_checkpoint_ends(#[case] backend: Backend) {
+    let scratch = Scratch::new(backend);
     let vendor = FakeVendor::start().await;
     let texts: Vec<String> = (0..40).map(|i| format!("document number {i}")).collect();
     let lines: Vec<String> = texts
@@ -269,7 +275,7 @@ async fn a_stopped_run_resumes_where_the_checkpoint_ends() {
         .map(|t| json!({"input": t, "dimensions": 8}).to_string())
         .collect();
     let path = scratch.write("docs.jsonl", &lines);
-    let settings = scratch.settings(&vendor);
+    let settings = scratch.settings(&vendor, &[]);
     let opts = WarmOptions {
         batch: 4,
         concurrency: 2,
@@ -330,16 +336,19 @@ async fn a_stopped_run_resumes_where_the_checkpoint_ends() {
     assert_eq!(cp.lines, 40);
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn a_finished_file_is_not_read_again_until_it_grows() {
-    let scratch = Scratch::new();
+async fn a_finished_file_is_not_read_again_until_it_grows(#[case] backend: Backend) {
+    let scratch = Scratch::new(backend);
     let vendor = FakeVendor::start().await;
     let mut lines: Vec<String> = ["one", "two", "three"]
         .iter()
         .map(|t| json!(t).to_string())
         .collect();
     let path = scratch.write("small.jsonl", &lines);
-    let settings = scratch.settings(&vendor);
+    let settings = scratch.settings(&vendor, &[]);
     let opts = options(&path);
 
     let first = warm::warm(&settings, &opts).await.expect("first run");
@@ -385,23 +394,25 @@ async fn a_finished_file_is_not_read_again_until_it_grows() {
 
 #[tokio::test]
 async fn nothing_is_paid_for_without_a_store_or_with_a_stale_checkpoint() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new(Backend::Redis);
     let vendor = FakeVendor::start().await;
     let path = scratch.write("x.jsonl", &[json!("x").to_string()]);
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port");
-    let settings = settings_for(
+    let settings = scratch.settings(
         &vendor,
-        &scratch.prefix,
-        &format!("redis://127.0.0.1:{}/0", dead.port()),
+        &[(
+            "EMBGATE__STORE__URL",
+            format!("redis://127.0.0.1:{}/0", dead.port()),
+        )],
     );
     let err = warm::warm(&settings, &options(&path))
         .await
         .expect_err("no store");
     assert!(matches!(err, WarmError::StoreUnavailable(_)), "{err}");
 
-    let settings = scratch.settings(&vendor);
+    let settings = scratch.settings(&vendor, &[]);
     let opts = options(&path);
     std::fs::write(
         opts.checkpoint_path(),
@@ -435,7 +446,7 @@ async fn nothing_is_paid_for_without_a_store_or_with_a_stale_checkpoint() {
 
 #[tokio::test]
 async fn a_file_of_bad_lines_completes_without_a_vendor_call() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new(Backend::Redis);
     let vendor = FakeVendor::start().await;
     let lines: Vec<String> = vec![
         "nope".into(),
@@ -445,7 +456,7 @@ async fn a_file_of_bad_lines_completes_without_a_vendor_call() {
         r#"{"input": []}"#.into(),
     ];
     let path = scratch.write("bad.jsonl", &lines);
-    let summary = warm::warm(&scratch.settings(&vendor), &options(&path))
+    let summary = warm::warm(&scratch.settings(&vendor, &[]), &options(&path))
         .await
         .expect("completes");
     assert!(summary.complete);
@@ -459,15 +470,18 @@ async fn a_file_of_bad_lines_completes_without_a_vendor_call() {
     assert!(checkpoint(&options(&path)).complete);
 }
 
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
 #[tokio::test]
-async fn an_interrupted_run_finishes_its_requests_in_flight_and_resumes() {
-    let scratch = Scratch::new();
+async fn an_interrupted_run_finishes_its_requests_in_flight_and_resumes(#[case] backend: Backend) {
+    let scratch = Scratch::new(backend);
     let vendor = FakeVendor::start().await;
     vendor.set_latency(Duration::from_millis(50));
     let texts: Vec<String> = (0..40).map(|i| format!("paragraph {i}")).collect();
     let lines: Vec<String> = texts.iter().map(|t| json!(t).to_string()).collect();
     let path = scratch.write("paragraphs.jsonl", &lines);
-    let settings = scratch.settings(&vendor);
+    let settings = scratch.settings(&vendor, &[]);
     let opts = WarmOptions {
         batch: 4,
         concurrency: 2,
@@ -505,9 +519,9 @@ async fn an_interrupted_run_finishes_its_requests_in_flight_and_resumes() {
 
 #[tokio::test]
 async fn model_names_over_the_limit_are_refused() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new(Backend::Redis);
     let vendor = FakeVendor::start().await;
-    let settings = scratch.settings(&vendor);
+    let settings = scratch.settings(&vendor, &[]);
     let long = "m".repeat(settings.limits.max_model_bytes + 1);
     let lines = [
         format!(r#"{{"input": "alpha", "model": "{long}"}}"#),

@@ -35,6 +35,9 @@ use crate::metrics::Metrics;
 pub struct Cache {
     store: Arc<dyn Store>,
     l1: Option<L1>,
+    /// The store evicts by recency and must hear of the L1's hits, or the
+    /// hottest entries would look the least used.
+    note_l1_hits: bool,
     inflight: Arc<Inflight>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
@@ -121,9 +124,11 @@ impl Cache {
         l1_ttl: Option<Duration>,
         metrics: Arc<Metrics>,
     ) -> Cache {
+        let l1 = L1::new(l1_max_bytes, l1_ttl);
         Cache {
+            note_l1_hits: l1.is_some() && store.tracks_use(),
             store,
-            l1: L1::new(l1_max_bytes, l1_ttl),
+            l1,
             refreshed: moka::sync::Cache::builder()
                 .max_capacity(REFRESHED_KEYS)
                 .expire_after(TenthOfTtl)
@@ -184,6 +189,13 @@ impl Cache {
                 let hits = (hashes.len() - wanted.len()) as u64;
                 if hits > 0 {
                     self.metrics.l1_hits.inc_by(hits);
+                    if self.note_l1_hits {
+                        let used: Vec<KeyHash> = (hashes.iter().zip(&found))
+                            .filter(|(_, entry)| entry.is_some())
+                            .map(|(hash, _)| *hash)
+                            .collect();
+                        self.store.note_use(&used);
+                    }
                 }
             }
             None => wanted.extend(0..hashes.len()),

@@ -31,6 +31,7 @@ use tokio::io::{AsyncSeekExt as _, BufReader};
 use tokio::task::JoinSet;
 
 use crate::auth::Caller;
+use crate::cache::store::embedded::lock;
 use crate::config::{Settings, TenantCache};
 
 pub use checkpoint::{Checkpoint, read_checkpoint};
@@ -45,7 +46,7 @@ use checkpoint::{CHECKPOINT_VERSION, Tracker, write_checkpoint};
 use input::{BadLines, Batcher, Group, scan};
 use run::{Finished, Run, Tally, progress_bar};
 
-/// A batch run would rather wait for Redis than pay the vendor again for an
+/// A batch run would rather wait for the store than pay the vendor again for an
 /// input whose lookup timed out: lookups get at least this long.
 const MIN_STORE_TIMEOUT_MS: u64 = 2000;
 
@@ -356,6 +357,11 @@ pub async fn cli(settings: &Settings, options: &WarmOptions) -> ExitCode {
                 print!("{summary}");
             }
             eprintln!("embgate warm: {e}");
+            if let WarmError::Startup(crate::StartupError::Store(store)) = &e
+                && lock::is_held(store)
+            {
+                eprintln!("{}", lock::what_to_do(lock::Command::Warm));
+            }
             match e {
                 WarmError::Options(_) => ExitCode::from(2),
                 _ => ExitCode::FAILURE,

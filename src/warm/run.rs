@@ -90,7 +90,7 @@ impl Finished {
 
 impl Run {
     /// Embeds a batch through the pipeline, then makes sure its entries are
-    /// in the store (the pipeline serves on when Redis fails; a warm run
+    /// in the store (the pipeline serves on when the store fails; a warm run
     /// must not count such a batch as done).
     pub(super) async fn embed(self, batch: Batch) -> Result<Finished, Stop> {
         let mut done = Finished::empty(&batch);

@@ -2,11 +2,12 @@
 # Real clients through the gateway: the official OpenAI Python SDK, LangChain's
 # OpenAIEmbeddings and the official OpenAI Node SDK talk to `embgate serve`,
 # which talks to `fake-vendor`. Each client script gets its own gateway with a
-# fresh Redis key prefix.
+# fresh store: the embedded one in a temporary directory, or, with
+# EMBGATE__STORE__URL set, a fresh key prefix on that Redis.
 #
 # Usage (from anywhere): tests/clients/run.sh
-# Needs: cargo, python3 (with venv), node >= 20 with npm, Redis at
-# EMBGATE__STORE__URL (default redis://127.0.0.1:6379/0) and redis-cli.
+# Needs: cargo, python3 (with venv), node >= 20 with npm; with
+# EMBGATE__STORE__URL, that Redis and redis-cli.
 # Python packages go to target/clients-venv, npm packages to
 # tests/clients/node/node_modules; both are reinstalled only when their lock
 # files change.
@@ -23,7 +24,7 @@ target_dir="${CARGO_TARGET_DIR:-$root/target}"
 bin_dir="$target_dir/debug"
 venv="$target_dir/clients-venv"
 tiktoken_cache="$target_dir/clients-tiktoken"
-redis_url="${EMBGATE__STORE__URL:-redis://127.0.0.1:6379/0}"
+redis_url="${EMBGATE__STORE__URL:-}"
 run_id="$$-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 work="$(mktemp -d "${TMPDIR:-/tmp}/embgate-clients.XXXXXX")"
 
@@ -68,6 +69,7 @@ stop() {
 
 delete_keys() {
   local prefix="$1"
+  [ -n "$redis_url" ] || return 0
   redis-cli -u "$redis_url" --scan --pattern "$prefix:*" 2>/dev/null \
     | xargs -r -d '\n' -n 500 redis-cli -u "$redis_url" del >/dev/null 2>&1 || true
 }
@@ -96,10 +98,13 @@ free_port() {
 
 # ---------------------------------------------------------------- prerequisites
 
-for tool in cargo python3 node npm redis-cli; do
+for tool in cargo python3 node npm; do
   command -v "$tool" >/dev/null || die "$tool not found"
 done
-[ "$(redis-cli -u "$redis_url" ping 2>/dev/null)" = "PONG" ] || die "no Redis answering at $redis_url"
+if [ -n "$redis_url" ]; then
+  command -v redis-cli >/dev/null || die "redis-cli not found"
+  [ "$(redis-cli -u "$redis_url" ping 2>/dev/null)" = "PONG" ] || die "no Redis answering at $redis_url"
+fi
 
 cargo build --quiet --bins -p embgate -p fake-vendor || die "cargo build failed"
 
@@ -154,14 +159,16 @@ done
 
 gateway_url=""
 # The store timeouts are raised from their latency-oriented defaults so that
-# a busy CI machine cannot turn a slow Redis round trip into a cache miss.
-start_gateway() { # start_gateway NAME: a gateway with a fresh key prefix
+# a busy CI machine cannot turn a slow store read into a cache miss.
+start_gateway() { # start_gateway NAME: a gateway with a fresh store
   local name="$1" prefix="embgate-ci-clients-$run_id-$1" port
   prefixes+=("$prefix")
   for _attempt in 1 2 3; do
     port="$(free_port)"
     EMBGATE__LISTEN="127.0.0.1:$port" \
       EMBGATE__UPSTREAM__BASE_URL="$vendor_url" \
+      EMBGATE__STORE__URL="$redis_url" \
+      EMBGATE__STORE__PATH="$work/store-$name/cache.redb" \
       EMBGATE__STORE__KEY_PREFIX="$prefix" \
       EMBGATE__STORE__TIMEOUT_MS="${EMBGATE__STORE__TIMEOUT_MS:-2000}" \
       EMBGATE__STORE__WRITE_TIMEOUT_MS="${EMBGATE__STORE__WRITE_TIMEOUT_MS:-5000}" \

@@ -1,5 +1,6 @@
 //! Shared harness: a gateway served on a free loopback port, against a real
-//! store (Redis with its own key prefix per test) and the fake vendor.
+//! store (Redis with its own key prefix per test, or an embedded store in a
+//! temporary directory) and the fake vendor; and the real binary.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -54,6 +55,82 @@ pub fn unique_prefix() -> String {
     )
 }
 
+/// The stores the suite runs against: tests that hold for any store take
+/// a `Backend` (`#[case]`s of rstest), the rest use Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Redis,
+    Embedded,
+}
+
+/// Where a test keeps its cache: a key prefix of its own on the shared
+/// Redis, or a file in a fresh temporary directory. Removed on drop.
+pub struct TestStore {
+    pub backend: Backend,
+    pub prefix: String,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestStore {
+    pub fn new(backend: Backend) -> TestStore {
+        let dir = match backend {
+            Backend::Redis => None,
+            Backend::Embedded => Some(
+                tempfile::Builder::new()
+                    .prefix("embgate-test-")
+                    .tempdir()
+                    .expect("temp dir"),
+            ),
+        };
+        TestStore {
+            backend,
+            prefix: unique_prefix(),
+            dir,
+        }
+    }
+
+    /// The embedded store's file.
+    pub fn path(&self) -> Option<std::path::PathBuf> {
+        self.dir.as_ref().map(|d| d.path().join("cache.redb"))
+    }
+
+    /// The `EMBGATE__STORE__*` settings naming this store.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("EMBGATE__STORE__KEY_PREFIX", self.prefix.clone())];
+        match self.path() {
+            None => env.push(("EMBGATE__STORE__URL", redis_url())),
+            Some(path) => {
+                env.push(("EMBGATE__STORE__URL", String::new()));
+                env.push(("EMBGATE__STORE__PATH", path.display().to_string()));
+            }
+        }
+        env
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        if self.backend == Backend::Redis {
+            delete_prefix(&self.prefix);
+        }
+    }
+}
+
+/// Opens the store `settings` name; waits while another gateway of this
+/// test still holds an embedded one (its connections close after it shut
+/// down, and the last of them closes the store).
+pub async fn open_store(settings: &Settings) -> Arc<dyn Store> {
+    for _ in 0..200 {
+        match store::open(&settings.store) {
+            Err(store::StoreError::InUse { .. }) => {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            opened => return opened.expect("store"),
+        }
+    }
+    panic!("the store is still held by another gateway");
+}
+
 pub struct TestGateway {
     pub url: String,
     pub vendor: FakeVendor,
@@ -63,8 +140,38 @@ pub struct TestGateway {
     pub store: Arc<dyn Store>,
     pub cache: Arc<embgate::cache::Cache>,
     pub http: reqwest::Client,
+    serving: Serving,
+    /// Last: removed once the gateway is gone.
+    pub home: Arc<TestStore>,
+}
+
+/// The gateway's serving task: stopped on drop.
+struct Serving {
     shutdown: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Serving {
+    /// Starts graceful shutdown; returns when serving has finished.
+    async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.served.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.served.take() {
+            task.abort();
+        }
+    }
 }
 
 impl TestGateway {
@@ -72,28 +179,51 @@ impl TestGateway {
         Self::start_with(FakeVendor::start().await, &[]).await
     }
 
-    /// Starts a gateway in front of `vendor`; `env` overrides settings as
-    /// `EMBGATE__*` variables would.
+    /// Starts a gateway on Redis in front of `vendor`; `env` overrides
+    /// settings as `EMBGATE__*` variables would.
     pub async fn start_with(vendor: FakeVendor, env: &[(&str, &str)]) -> TestGateway {
-        let prefix = unique_prefix();
+        Self::start_on(Backend::Redis, vendor, env).await
+    }
+
+    /// A gateway on a fresh store of `backend`, in front of a new vendor.
+    pub async fn on(backend: Backend) -> TestGateway {
+        Self::start_on(backend, FakeVendor::start().await, &[]).await
+    }
+
+    /// Starts a gateway on a fresh store of `backend`.
+    pub async fn start_on(
+        backend: Backend,
+        vendor: FakeVendor,
+        env: &[(&str, &str)],
+    ) -> TestGateway {
+        Self::start_in(Arc::new(TestStore::new(backend)), vendor, env).await
+    }
+
+    /// Starts a gateway on `home`, in front of `vendor`.
+    pub async fn start_in(
+        home: Arc<TestStore>,
+        vendor: FakeVendor,
+        env: &[(&str, &str)],
+    ) -> TestGateway {
         let mut vars: HashMap<String, String> = HashMap::from([
             ("EMBGATE__LISTEN".into(), "127.0.0.1:0".into()),
-            ("EMBGATE__STORE__URL".into(), redis_url()),
-            ("EMBGATE__STORE__KEY_PREFIX".into(), prefix.clone()),
             // Generous: the shared test machine may be busy.
             ("EMBGATE__STORE__TIMEOUT_MS".into(), "2000".into()),
             ("EMBGATE__STORE__MAX_WAIT_MS".into(), "2000".into()),
             ("EMBGATE__STORE__WRITE_TIMEOUT_MS".into(), "5000".into()),
             ("EMBGATE__UPSTREAM__BASE_URL".into(), vendor.base_url()),
-            // Tests exercise the Redis path; the L1 test turns it on.
+            // Tests exercise the store; the L1 test turns it on.
             ("EMBGATE__L1__MAX_BYTES".into(), "0".into()),
         ]);
+        for (k, v) in home.env() {
+            vars.insert(k.into(), v);
+        }
         for (k, v) in env {
             vars.insert((*k).into(), (*v).into());
         }
         let settings = Settings::load_from(None, Some(vars)).expect("test settings");
         let prefix = settings.store.key_prefix.clone();
-        let store = store::open(&settings.store).expect("store");
+        let store = open_store(&settings).await;
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let engine =
             embgate::Engine::with_store(&settings, Arc::clone(&store), metrics).expect("engine");
@@ -122,19 +252,51 @@ impl TestGateway {
                 .no_proxy()
                 .build()
                 .expect("client"),
-            shutdown: Some(tx),
-            served: Some(served),
+            serving: Serving {
+                shutdown: Some(tx),
+                served: Some(served),
+            },
+            home,
         }
+    }
+
+    /// Waits until the entries of the answers so far are stored (they are
+    /// written after the answer has gone out): the next lookup finds them.
+    pub async fn settled(&self) {
+        self.cache.settled().await;
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.home.backend
     }
 
     /// Starts graceful shutdown; returns when serving has finished.
     pub async fn shutdown(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.served.take() {
-            let _ = task.await;
-        }
+        self.serving.stop().await;
+    }
+
+    /// Shuts down and starts a new gateway on the same store and vendor,
+    /// as a restarted process would (`env` as in [`TestGateway::start_in`]).
+    pub async fn restart(self, env: &[(&str, &str)]) -> TestGateway {
+        let (vendor, home) = self.stop().await;
+        Self::start_in(home, vendor, env).await
+    }
+
+    /// Shuts down and closes the store (the embedded one can then be
+    /// opened by another process); the data stays in `home`.
+    pub async fn stop(self) -> (FakeVendor, Arc<TestStore>) {
+        let TestGateway {
+            vendor,
+            mut serving,
+            store,
+            cache,
+            home,
+            ..
+        } = self;
+        serving.stop().await;
+        // The embedded store closes with its last handle.
+        drop((store, cache));
+        (vendor, home)
     }
 
     /// POST /v1/embeddings with the test key.
@@ -261,18 +423,6 @@ impl TestGateway {
             }
             cursor = next;
         }
-    }
-}
-
-impl Drop for TestGateway {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.served.take() {
-            task.abort();
-        }
-        delete_prefix(&self.prefix);
     }
 }
 
@@ -450,5 +600,118 @@ impl OwnRedis {
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// `embgate` (the real binary) with `args`, without any `EMBGATE*`
+/// variable of the test's own environment: only what the test sets.
+pub fn embgate(args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_embgate"));
+    command.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("EMBGATE") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// The real binary, serving on a free port.
+pub struct Binary {
+    pub child: tokio::process::Child,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Binary {
+    /// `embgate serve` with `env`, in `dir` (the working directory) if
+    /// given; returns once it answers /healthz.
+    pub async fn serve(
+        env: &[(&str, String)],
+        dir: Option<&std::path::Path>,
+        stderr: std::process::Stdio,
+    ) -> Binary {
+        let port = free_port();
+        let mut command = embgate(&["serve"]);
+        command
+            .env("EMBGATE__LISTEN", format!("127.0.0.1:{port}"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stderr(stderr)
+            .kill_on_drop(true);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child = command.spawn().expect("starts");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let base = format!("http://127.0.0.1:{port}");
+        for _ in 0..200 {
+            if http
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return Binary { child, base, http };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the binary exited at start: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the binary did not come up");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("pid")
+    }
+
+    /// POST /v1/embeddings with the test key.
+    pub async fn post(&self, body: &Value) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(format!("{}/v1/embeddings", self.base))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+            .await
+    }
+
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        metric_value(&text, sample)
+    }
+
+    /// SIGTERM, then the exit status.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("stops after SIGTERM")
+            .expect("status")
+    }
+
+    /// SIGKILL: the process gets no chance to finish anything.
+    pub async fn kill9(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        self.child.wait().await.expect("reaped");
     }
 }

@@ -10,9 +10,11 @@
 //! Methods return boxed `'static` futures so the trait can be used as
 //! `Arc<dyn Store>`; each call owns what it needs.
 
+pub mod embedded;
 pub mod redis;
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +33,19 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("embedded store: {0}")]
     Embedded(String),
+    #[error("embedded store: {0}")]
+    Redb(#[from] ::redb::Error),
+    #[error("embedded store {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Another process has the embedded store open.
+    #[error(
+        "the embedded store {} is in use by {holder}; only one process at a time opens it",
+        path.display()
+    )]
+    InUse { path: PathBuf, holder: String },
 }
 
 impl StoreError {
@@ -52,8 +67,9 @@ pub type Scanned<T> = Result<(Cursor, Vec<T>), StoreError>;
 pub struct StoreSize {
     pub entries: u64,
     pub bytes: u64,
-    /// Entries the store dropped for room since it started (Redis:
-    /// `evicted_keys`), for stores that evict on their own.
+    /// Entries the store dropped for room, as it counts them (Redis:
+    /// `evicted_keys` since it started; the embedded store: since it was
+    /// opened); `None` for a store that does not say.
     pub evicted: Option<u64>,
 }
 
@@ -116,6 +132,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes the entries of `keys`; returns how many existed.
     fn delete_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<u64, StoreError>>;
+
+    /// Whether the store wants to hear of entries used without asking it
+    /// ([`Store::note_use`]): one that evicts the least recently used does.
+    fn tracks_use(&self) -> bool {
+        false
+    }
+
+    /// Entries used without asking the store (answered by the L1).
+    fn note_use(&self, _keys: &[KeyHash]) {}
 
     /// Whether each key holds an entry.
     fn exist_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<Vec<bool>, StoreError>>;
@@ -193,9 +218,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<u64, StoreError>>;
 }
 
-/// Opens the store the settings name: Redis at `store.url`.
+/// Opens the store the settings name: Redis at `store.url`, or without
+/// one the embedded store at `store.path`.
 pub fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
     let layout = KeyLayout::new(&settings.key_prefix);
+    if settings.is_embedded() {
+        let options = embedded::Options {
+            max_bytes: settings.max_bytes,
+            cache_bytes: settings.cache_bytes,
+            write_timeout: settings.write_timeout(),
+        };
+        let store = embedded::EmbeddedStore::open(settings.path.as_ref(), layout, options)?;
+        return Ok(Arc::new(store));
+    }
     let store = redis::RedisStore::connect_lazy(&settings.url, layout, settings.write_timeout())?;
     Ok(Arc::new(store))
 }
