@@ -547,3 +547,44 @@ async fn model_names_over_the_limit_are_refused() {
     assert!(summary.bad[0].reason.contains("too long"), "{summary:?}");
     assert_eq!(vendor.total_inputs_embedded(), 1);
 }
+
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
+#[tokio::test]
+async fn refresh_fetches_again_and_no_store_keeps_nothing(#[case] backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let vendor = FakeVendor::start().await;
+    let settings = scratch.settings(&vendor, &[]);
+    let known = scratch.write("known.jsonl", &[r#""one""#.into(), r#""two""#.into()]);
+    warm::warm(&settings, &options(&known))
+        .await
+        .expect("first run");
+
+    let refresh = WarmOptions {
+        refresh: true,
+        restart: true,
+        ..options(&known)
+    };
+    let summary = warm::warm(&settings, &refresh).await.expect("refresh");
+    assert_eq!(summary.embedded, 2, "{summary:?}");
+    for t in ["one", "two"] {
+        assert_eq!(vendor.times_embedded(SMALL, None, &text(t)), 2, "{t}");
+    }
+
+    let passing = scratch.write("passing.jsonl", &[r#""one""#.into(), r#""three""#.into()]);
+    let no_store = WarmOptions {
+        no_store: true,
+        ..options(&passing)
+    };
+    let summary = warm::warm(&settings, &no_store).await.expect("no store");
+    assert_eq!((summary.embedded, summary.cached), (1, 1), "{summary:?}");
+    let again = WarmOptions {
+        no_store: true,
+        restart: true,
+        ..options(&passing)
+    };
+    let summary = warm::warm(&settings, &again).await.expect("again");
+    assert_eq!(summary.embedded, 1, "three was never stored: {summary:?}");
+    assert_eq!(vendor.times_embedded(SMALL, None, &text("three")), 2);
+}

@@ -339,6 +339,20 @@ impl Pipeline {
         misses: Vec<Miss>,
         wait: Duration,
     ) -> Result<Fetched, EmbedError> {
+        if !ctx.policy.read {
+            // Fresh means from the vendor now, not handed over by another
+            // request's fetch (which may have answered a while ago).
+            let this = Arc::clone(self);
+            let (req, ctx) = (Arc::clone(req), ctx.clone());
+            let items = misses.into_iter().map(|m| (m, None)).collect();
+            let fetch = async move { this.fetch(&req, &ctx, items, Holds::default()).await };
+            return self
+                .tasks
+                .spawn(fetch.in_current_span())
+                .await
+                .map_err(|e| EmbedError::Internal(format!("fetch task: {e}")))?
+                .map_err(EmbedError::from);
+        }
         let claims = self.cache.claim(misses.iter().map(|m| m.hash));
         let mut lead = Vec::new();
         let mut follow = Vec::new();
