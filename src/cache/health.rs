@@ -12,6 +12,10 @@
 //! keeps it open for twice as long, up to `store.breaker_max_open_ms`. The
 //! intervals stay short so that a passing hiccup costs little caching.
 //!
+//! A store of several nodes (a cluster) whose failure is partial, some
+//! nodes answering, does not open the breaker: only the failing nodes'
+//! keys are misses, and the others keep being asked.
+//!
 //! Failures are counted in `embgate_store_errors_total` every time but
 //! logged at most once per [`LOG_EVERY`] per operation, with the number
 //! left out, so an outage does not flood the log.
@@ -189,6 +193,16 @@ impl Health {
             }
             s.breaker_open.set(1);
         }
+        self.warn(op, error);
+    }
+
+    /// Records a failure of `op` on part of the store (some nodes of a
+    /// cluster) while the rest answered: counted and logged like any
+    /// failure, but the store as a whole answers, so the breaker, which
+    /// would stop asking every node, stays closed.
+    pub fn partly_failed(&self, side: Side, op: &'static str, error: &StoreError) {
+        self.metrics.store_errors.with_label_values(&[op]).inc();
+        self.succeeded(side);
         self.warn(op, error);
     }
 

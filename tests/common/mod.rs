@@ -2,6 +2,8 @@
 //! store (Redis with its own key prefix per test) and the fake vendor.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
