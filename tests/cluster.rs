@@ -120,8 +120,9 @@ async fn the_core_contract_holds_on_a_cluster() {
 
     // Ready, with every node named.
     let ready = gw.get("/readyz").await;
-    assert_eq!(ready.status(), 200);
+    let status = ready.status();
     let ready: Value = ready.json().await.expect("json");
+    assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["store"], "redis-cluster");
     assert_eq!(ready["nodes"].as_object().map(|n| n.len()), Some(6), "{ready}");
 }

@@ -215,11 +215,13 @@ impl Drop for LocalCluster {
     }
 }
 
-/// `n` ports below 55535 free on loopback, each with its bus port (+10000).
+/// `n` ports free on loopback, each with its bus port (+10000), both below
+/// the range the system hands out to outgoing connections (32768 on), so
+/// that no client connection takes one meanwhile.
 fn free_ports(n: usize) -> Vec<u16> {
     let mut ports: Vec<u16> = Vec::new();
     while ports.len() < n {
-        let port = rand::random_range(20000..45000u16);
+        let port = rand::random_range(10000..22700u16);
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         if !ports.contains(&port) && free(port) && free(port + 10000) {
             ports.push(port);

@@ -55,6 +55,9 @@ pub struct Router {
     pub slots: Arc<Slots>,
     pub round_trips: prometheus::IntCounterVec,
     pub read_from_replicas: bool,
+    /// The first seed URL: other nodes are reached with its scheme and
+    /// credentials.
+    pub seed: Arc<str>,
 }
 
 impl Router {

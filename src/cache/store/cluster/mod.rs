@@ -82,6 +82,7 @@ impl ClusterStore {
                 slots: Arc::new(Slots::new(&default_host)),
                 round_trips,
                 read_from_replicas,
+                seed: seeds.first().map_or("", String::as_str).into(),
             },
             layout,
             write_timeout,

@@ -44,16 +44,12 @@ pub async fn health(router: Router) -> Vec<NodeHealth> {
         }];
     }
     let asked = listed.into_iter().map(|l| {
-        let mut conn = router.conn.clone();
+        let seed = router.seed.clone();
         async move {
             let error = if l.failed {
                 Some("marked as failed by the cluster".to_owned())
             } else {
-                let ping = conn.route_command(redis::cmd("PING"), RoutingInfo::SingleNode(l.node.route()));
-                bounded(PING_LIMIT, ping)
-                    .await
-                    .err()
-                    .map(|f| f.to_error().to_string())
+                ping(&seed, &l.node).await.err()
             };
             NodeHealth {
                 node: l.node.to_string(),
@@ -65,6 +61,24 @@ pub async fn health(router: Router) -> Vec<NodeHealth> {
     let mut nodes = futures_util::future::join_all(asked).await;
     nodes.sort_by(|a, b| a.node.cmp(&b.node));
     nodes
+}
+
+/// PINGs `node` on a connection of its own (the cluster client connects
+/// to replicas only when it reads from them), with the seed's credentials.
+async fn ping(seed: &str, node: &Node) -> Result<(), String> {
+    let mut url = reqwest::Url::parse(seed).map_err(|e| e.to_string())?;
+    url.set_host(Some(&node.host)).map_err(|e| e.to_string())?;
+    url.set_port(Some(node.port))
+        .map_err(|()| "no port".to_owned())?;
+    let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+    let asked = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    bounded(PING_LIMIT, asked)
+        .await
+        .map(|_| ())
+        .map_err(|f| f.to_error().to_string())
 }
 
 fn from_slot_map(router: &Router) -> Vec<Listed> {
