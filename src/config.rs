@@ -481,8 +481,8 @@ impl Settings {
             ));
         }
         for seed in &seeds {
-            let url = reqwest::Url::parse(seed)
-                .map_err(|_| invalid(format!("{seed:?} is not a URL")))?;
+            let url =
+                reqwest::Url::parse(seed).map_err(|_| invalid(format!("{seed:?} is not a URL")))?;
             if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
                 return Err(invalid(format!(
                     "{seed:?}: a node URL is redis://host:port (or rediss://)"

@@ -22,7 +22,11 @@ use serde_json::{Value, json};
 /// `store.url` as the defaults have it: a cluster gateway leaves it alone.
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379/0";
 
-async fn on_cluster(cluster: &LocalCluster, vendor: FakeVendor, env: &[(&str, &str)]) -> TestGateway {
+async fn on_cluster(
+    cluster: &LocalCluster,
+    vendor: FakeVendor,
+    env: &[(&str, &str)],
+) -> TestGateway {
     let seeds = cluster.seeds();
     let mut all = vec![
         ("EMBGATE__STORE__URL", DEFAULT_URL),
@@ -76,12 +80,18 @@ async fn the_core_contract_holds_on_a_cluster() {
         .await;
     assert_eq!(cache, "hit");
     let trips = gw.metric(ROUND_TRIPS).await - before;
-    assert!((1.0..=3.0).contains(&trips), "{trips} round trips for 64 keys");
+    assert!(
+        (1.0..=3.0).contains(&trips),
+        "{trips} round trips for 64 keys"
+    );
     let before = gw.metric(ROUND_TRIPS).await;
     gw.embed(&json!({"model": SMALL, "input": &all, "dimensions": dims}))
         .await;
     let trips = gw.metric(ROUND_TRIPS).await - before;
-    assert!((1.0..=3.0).contains(&trips), "{trips} round trips for 2048 keys");
+    assert!(
+        (1.0..=3.0).contains(&trips),
+        "{trips} round trips for 2048 keys"
+    );
 
     // Token arrays, apart from text; float and base64 carry the same bits.
     let tokens = vec![15339u32, 1917];
@@ -114,7 +124,10 @@ async fn the_core_contract_holds_on_a_cluster() {
     for (i, _) in cluster.addresses().iter().enumerate() {
         if cluster.cli(i, &["ROLE"]).starts_with("master") {
             let held = cluster.cli(i, &["--scan", "--pattern", &format!("{}:v1:*", gw.prefix)]);
-            assert!(held.lines().count() > 500, "entries spread over the masters");
+            assert!(
+                held.lines().count() > 500,
+                "entries spread over the masters"
+            );
         }
     }
 
@@ -124,7 +137,11 @@ async fn the_core_contract_holds_on_a_cluster() {
     let ready: Value = ready.json().await.expect("json");
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["store"], "redis-cluster");
-    assert_eq!(ready["nodes"].as_object().map(|n| n.len()), Some(6), "{ready}");
+    assert_eq!(
+        ready["nodes"].as_object().map(|n| n.len()),
+        Some(6),
+        "{ready}"
+    );
 }
 
 /// The torture test of `resilience.rs`, on the cluster.
@@ -198,7 +215,11 @@ async fn torture_random_overlapping_batches_on_a_cluster() {
     }
     assert!(distinct.len() > 100);
     for (model, dims, item) in &distinct {
-        assert_eq!(gw.vendor.times_embedded(model, *dims, item), 1, "{model} {item:?}");
+        assert_eq!(
+            gw.vendor.times_embedded(model, *dims, item),
+            1,
+            "{model} {item:?}"
+        );
     }
     assert_eq!(gw.vendor.total_inputs_embedded(), distinct.len() as u64);
 }
@@ -264,7 +285,10 @@ async fn a_master_killed_mid_load_fails_no_request_and_caching_resumes() {
         on_cluster(
             &cluster,
             FakeVendor::start().await,
-            &[("EMBGATE__STORE__TIMEOUT_MS", "200"), ("EMBGATE__STORE__MAX_WAIT_MS", "500")],
+            &[
+                ("EMBGATE__STORE__TIMEOUT_MS", "200"),
+                ("EMBGATE__STORE__MAX_WAIT_MS", "500"),
+            ],
         )
         .await,
     );
@@ -293,7 +317,10 @@ async fn a_master_killed_mid_load_fails_no_request_and_caching_resumes() {
     let answered = finish(workers, &stop).await;
     assert!(answered > 0);
 
-    assert!(caching_works(&gw, "after the failover").await, "caching resumed");
+    assert!(
+        caching_works(&gw, "after the failover").await,
+        "caching resumed"
+    );
     // Every input of the load is served right, from the promoted replica or fetched again.
     let inputs: Vec<String> = (0..60).map(|i| format!("load item {i}")).collect();
     let (_, body) = gw
@@ -339,7 +366,10 @@ async fn a_reshard_mid_load_costs_no_error_and_no_wrong_vector() {
     gw.embed(&json!({"model": SMALL, "input": &many[..64], "dimensions": 8}))
         .await;
     let trips = gw.metric(ROUND_TRIPS).await - before;
-    assert!((1.0..=3.0).contains(&trips), "{trips} round trips after the reshard");
+    assert!(
+        (1.0..=3.0).contains(&trips),
+        "{trips} round trips after the reshard"
+    );
 }
 
 /// The real binary, on the cluster.
@@ -369,7 +399,10 @@ impl Process {
             .spawn()
             .expect("starts");
         let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::builder().no_proxy().build().expect("client");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
         for _ in 0..200 {
             if http
                 .get(format!("{base}/healthz"))
@@ -397,11 +430,16 @@ async fn three_gateway_processes_pay_each_input_once_fleet_wide() {
         Process::serve(&seeds, &prefix, &vendor.base_url()).await,
         Process::serve(&seeds, &prefix, &vendor.base_url()).await,
     ];
-    let http = reqwest::Client::builder().no_proxy().build().expect("client");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
     let pool: Vec<String> = (0..30).map(|i| format!("fleet input {i}")).collect();
     let asked = (0..60).map(|r| {
         let base = fleet[r % 3].base.clone();
-        let inputs: Vec<String> = (0..8).map(|k| pool[(r * 5 + k * 3) % pool.len()].clone()).collect();
+        let inputs: Vec<String> = (0..8)
+            .map(|k| pool[(r * 5 + k * 3) % pool.len()].clone())
+            .collect();
         let http = http.clone();
         async move {
             let response = http
@@ -424,13 +462,20 @@ async fn three_gateway_processes_pay_each_input_once_fleet_wide() {
         distinct.extend(inputs);
     }
     for t in &distinct {
-        assert_eq!(vendor.times_embedded(SMALL, Some(8), &text(t)), 1, "{t} paid once");
+        assert_eq!(
+            vendor.times_embedded(SMALL, Some(8), &text(t)),
+            1,
+            "{t} paid once"
+        );
     }
     assert_eq!(vendor.total_inputs_embedded(), distinct.len() as u64);
     for mut p in fleet {
         let _ = p.child.kill().await;
     }
-    assert!(cluster.keys(&format!("{prefix}:lease:*")).is_empty(), "leases released");
+    assert!(
+        cluster.keys(&format!("{prefix}:lease:*")).is_empty(),
+        "leases released"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,21 +494,35 @@ async fn migrate_stats_and_moving_from_one_redis_work_on_a_cluster() {
     }
     // The gateway stamped the empty keyspace at start: these entries came
     // after, as if written by an older embgate.
-    store.meta_delete(migrate::VERSION_FIELD).await.expect("meta");
+    store
+        .meta_delete(migrate::VERSION_FIELD)
+        .await
+        .expect("meta");
     // Two steps cannot cover three masters.
-    let partial = migrate::run_pending(store, 10, Some(2)).await.expect("partial");
+    let partial = migrate::run_pending(store, 10, Some(2))
+        .await
+        .expect("partial");
     assert!(!partial.complete);
     let rest = migrate::run_pending(store, 40, None).await.expect("rest");
     assert!(rest.complete);
     assert_eq!(rest.to_version, LATEST);
-    assert_eq!(partial.rewritten + rest.rewritten, 300, "each entry once, on every master");
+    assert_eq!(
+        partial.rewritten + rest.rewritten,
+        300,
+        "each entry once, on every master"
+    );
     let (cache, body) = gw
         .embed(&json!({"model": SMALL, "input": &texts[..100], "dimensions": 8}))
         .await;
     assert_eq!(cache, "hit");
-    assert_eq!(vectors(&body)[7], vendor_vector(SMALL, Some(8), &text(&texts[7])));
+    assert_eq!(
+        vectors(&body)[7],
+        vendor_vector(SMALL, Some(8), &text(&texts[7]))
+    );
 
-    let stats = embgate::stats::collect(store, [SMALL]).await.expect("stats");
+    let stats = embgate::stats::collect(store, [SMALL])
+        .await
+        .expect("stats");
     assert_eq!(stats.total.entries, 300);
     assert_eq!(stats.by_model.values().map(|b| b.entries).sum::<u64>(), 300);
 
@@ -495,7 +554,11 @@ async fn migrate_stats_and_moving_from_one_redis_work_on_a_cluster() {
         .await;
     old.cache.settled().await;
     let status = std::process::Command::new("redis-cli")
-        .args(["--cluster", "import", &cluster.addresses()[cluster.master()]])
+        .args([
+            "--cluster",
+            "import",
+            &cluster.addresses()[cluster.master()],
+        ])
         .args(["--cluster-from", &format!("127.0.0.1:{}", single.port)])
         .args(["--cluster-copy", "--cluster-replace"])
         .stdout(std::process::Stdio::null())
@@ -521,5 +584,9 @@ async fn migrate_stats_and_moving_from_one_redis_work_on_a_cluster() {
     for (v, t) in vectors(&body).iter().zip(&moved) {
         assert_eq!(*v, vendor_vector(SMALL, Some(8), &text(t)));
     }
-    assert_eq!(old.vendor.total_inputs_embedded(), paid, "nothing paid again");
+    assert_eq!(
+        old.vendor.total_inputs_embedded(),
+        paid,
+        "nothing paid again"
+    );
 }

@@ -42,7 +42,8 @@ struct LocalCluster {
 
 impl LocalCluster {
     fn start() -> Result<LocalCluster, String> {
-        let dir = std::env::temp_dir().join(format!("embgate-bench-cluster-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("embgate-bench-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut cluster = LocalCluster {
             children: Vec::new(),
@@ -59,7 +60,14 @@ impl LocalCluster {
             }
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--save", "", "--appendonly", "no"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
                 .arg("--cluster-config-file")
                 .arg(cluster.dir.join(format!("nodes-{port}.conf")))
                 .arg("--dir")
@@ -70,7 +78,11 @@ impl LocalCluster {
             cluster.children.push(child);
             cluster.ports.push(port);
         }
-        let addresses: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let created = Command::new("redis-cli")
@@ -104,7 +116,11 @@ impl LocalCluster {
     }
 
     fn seeds(&self) -> String {
-        let seeds: Vec<String> = self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect();
+        let seeds: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect();
         seeds.join(",")
     }
 }
@@ -132,10 +148,19 @@ pub async fn compare(
     let cluster = LocalCluster::start()?;
     let env = [
         // The cluster is the store; store.url stays at its default.
-        ("EMBGATE__STORE__URL".to_owned(), "redis://127.0.0.1:6379/0".to_owned()),
+        (
+            "EMBGATE__STORE__URL".to_owned(),
+            "redis://127.0.0.1:6379/0".to_owned(),
+        ),
         ("EMBGATE__STORE__CLUSTER_NODES".to_owned(), cluster.seeds()),
     ];
-    let gateway = slot.insert(spawn_gateway(args, vendor_url, prefix, "gateway-cluster", &env)?);
+    let gateway = slot.insert(spawn_gateway(
+        args,
+        vendor_url,
+        prefix,
+        "gateway-cluster",
+        &env,
+    )?);
     eprintln!(
         "Redis Cluster ({MASTERS} masters): gateway pid {} at {} (log {})",
         gateway.pid(),
@@ -152,7 +177,11 @@ pub async fn compare(
         ticks: base.ticks,
     };
     let runs: [(&'static str, &Pool, Plan); 2] = [
-        ("hit64/base64", &pools.sixtyfour, args.plan(args.concurrency_64)),
+        (
+            "hit64/base64",
+            &pools.sixtyfour,
+            args.plan(args.concurrency_64),
+        ),
         ("hit2048/base64", &pools.large, args.plan(1)),
     ];
     let mut rows = Vec::new();
@@ -164,12 +193,20 @@ pub async fn compare(
         let counted: Vec<_> = bodies.iter().cycle().take(COUNTED).cloned().collect();
         let not_hit = post_each(&ctx, counted, 1, Expect::Hit).await?;
         if not_hit > 0 {
-            return Err(format!("{not_hit} of the counted {id} requests were not hits"));
+            return Err(format!(
+                "{not_hit} of the counted {id} requests were not hits"
+            ));
         }
         let trips = (round_trips(&ctx).await? - before) / COUNTED as f64;
         let op = posting(&ctx.gateway_url, plan.concurrency, 1, bodies).await?;
         let measured = ctx.measure(&format!("cluster/{id}"), plan, op).await;
-        rows.push((id, Row { measured, round_trips: trips }));
+        rows.push((
+            id,
+            Row {
+                measured,
+                round_trips: trips,
+            },
+        ));
     }
     Ok(ClusterRuns {
         rows,

@@ -904,8 +904,7 @@ fn render_cluster(
          requests sent one at a time; on the cluster, one pipeline per master touched, \
          whatever the number of inputs. On one Redis a lookup is one MGET per 256 keys, \
          all sent at once.\n",
-        runs.masters,
-        20
+        runs.masters, 20
     );
     md.push_str(
         "| Run | Store | Connections | Requests | Errors | Not hit | req/s | p50 ms | p99 ms \
@@ -928,7 +927,11 @@ fn render_cluster(
             );
         };
         if let Some(single) = r.runs.get(id) {
-            line("one Redis", single, format!("{} MGET", inputs.div_ceil(256)));
+            line(
+                "one Redis",
+                single,
+                format!("{} MGET", inputs.div_ceil(256)),
+            );
         }
         line(
             &format!("cluster, {} masters", runs.masters),

@@ -286,7 +286,10 @@ impl Cache {
         // The ping and the probe each reach one node: with others still
         // answering, that node's failure is the cluster's partial one.
         let others_answer = nodes.iter().any(|n| n.error.is_none());
-        for (side, op, result) in [(Side::Read, "ping", read), (Side::Write, "write_probe", write)] {
+        for (side, op, result) in [
+            (Side::Read, "ping", read),
+            (Side::Write, "write_probe", write),
+        ] {
             match result {
                 Ok(()) => self.health.succeeded(side),
                 Err(e) if others_answer => self.health.partly_failed(side, op, &e),

@@ -183,8 +183,17 @@ impl LocalCluster {
     /// `redis-cli --cluster reshard`, waiting until it is done.
     pub fn reshard(&self, from: usize, to: usize, slots: u32) {
         let status = Command::new("redis-cli")
-            .args(["--cluster", "reshard", &format!("127.0.0.1:{}", self.port(from))])
-            .args(["--cluster-from", &self.id(from), "--cluster-to", &self.id(to)])
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", self.port(from)),
+            ])
+            .args([
+                "--cluster-from",
+                &self.id(from),
+                "--cluster-to",
+                &self.id(to),
+            ])
             .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -280,7 +280,13 @@ impl Store for ClusterStore {
         cursor: &Cursor,
         count: usize,
     ) -> BoxFuture<'static, Scanned<(KeyHash, Bytes)>> {
-        let step = walk::scan(self.router.clone(), self.layout.clone(), cursor, count, self.write_timeout);
+        let step = walk::scan(
+            self.router.clone(),
+            self.layout.clone(),
+            cursor,
+            count,
+            self.write_timeout,
+        );
         let this = self.clone();
         async move {
             let (next, keys) = step.await?;
@@ -311,7 +317,13 @@ impl Store for ClusterStore {
         count: usize,
         head_len: usize,
     ) -> BoxFuture<'static, Scanned<EntryHead>> {
-        let step = walk::scan(self.router.clone(), self.layout.clone(), cursor, count, self.write_timeout);
+        let step = walk::scan(
+            self.router.clone(),
+            self.layout.clone(),
+            cursor,
+            count,
+            self.write_timeout,
+        );
         let this = self.clone();
         async move {
             let (next, keys) = step.await?;
@@ -358,7 +370,10 @@ impl Store for ClusterStore {
         &self,
         changes: Vec<(KeyHash, Bytes, Bytes)>,
     ) -> BoxFuture<'static, Result<u64, StoreError>> {
-        let names = changes.iter().map(|(k, _, _)| self.layout.entry(k)).collect();
+        let names = changes
+            .iter()
+            .map(|(k, _, _)| self.layout.entry(k))
+            .collect();
         // The script of one server, one key at a time.
         let replaced = self.per_key(names, false, "cas", move |i, k| {
             let (_, old, new) = &changes[i];

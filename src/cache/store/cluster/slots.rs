@@ -188,7 +188,10 @@ impl Slots {
     }
 
     /// Reads the map from any node.
-    pub async fn refresh(&self, conn: &ClusterConnection) -> Result<Arc<SlotMap>, redis::RedisError> {
+    pub async fn refresh(
+        &self,
+        conn: &ClusterConnection,
+    ) -> Result<Arc<SlotMap>, redis::RedisError> {
         *self
             .last_refresh
             .lock()
