@@ -142,6 +142,45 @@ async fn the_core_contract_holds_on_a_cluster() {
         Some(6),
         "{ready}"
     );
+
+    // With store.read_from_replicas, lookups are answered by the replicas.
+    let replicas_gets = || -> u64 {
+        (0..6)
+            .filter(|i| cluster.cli(*i, &["ROLE"]).starts_with("slave"))
+            .map(|i| {
+                let stats = cluster.cli(i, &["INFO", "commandstats"]);
+                stats
+                    .lines()
+                    .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+                    .and_then(|v| v.split(',').next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let before = replicas_gets();
+    let reader = on_cluster(
+        &cluster,
+        FakeVendor::start().await,
+        &[
+            ("EMBGATE__STORE__READ_FROM_REPLICAS", "true"),
+            ("EMBGATE__STORE__KEY_PREFIX", &gw.prefix),
+            ("EMBGATE__UPSTREAM__BASE_URL", &gw.vendor.base_url()),
+        ],
+    )
+    .await;
+    let (cache, body) = reader
+        .embed(&json!({"model": SMALL, "input": &all[..64], "dimensions": dims}))
+        .await;
+    assert_eq!(cache, "hit");
+    assert_eq!(
+        vectors(&body)[3],
+        vendor_vector(SMALL, Some(dims), &text(&all[3]))
+    );
+    assert!(
+        replicas_gets() >= before + 64,
+        "the replicas answered the lookups"
+    );
 }
 
 /// The torture test of `resilience.rs`, on the cluster.

@@ -51,7 +51,30 @@ impl LocalCluster {
             .expect("redis-cli is installed");
         assert!(status.success(), "redis-cli --cluster create");
         cluster.wait_until_ok();
+        cluster.wait_for_replicas();
         cluster
+    }
+
+    /// Waits until `CLUSTER SLOTS` lists the replicas: a node names a
+    /// replica only once it has replicated something, so a few keys are
+    /// written first (in every shard) and removed after.
+    fn wait_for_replicas(&self) {
+        let keys: Vec<String> = (0..30).map(|i| format!("harness-warm-{i}")).collect();
+        for key in &keys {
+            self.cli(0, &["-c", "SET", key, "x"]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ports: Vec<String> = self.nodes.iter().map(|n| n.port.to_string()).collect();
+        while !self.alive().all(|i| {
+            let slots = self.cli(i, &["CLUSTER", "SLOTS"]);
+            ports.iter().all(|p| slots.lines().any(|l| l.trim() == p))
+        }) {
+            assert!(Instant::now() < deadline, "the replicas were not listed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for key in &keys {
+            self.cli(0, &["-c", "DEL", key]);
+        }
     }
 
     /// `host:port` of every node, in the order they were started.

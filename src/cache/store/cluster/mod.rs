@@ -125,8 +125,13 @@ impl ClusterStore {
         .boxed()
     }
 
-    fn exists(&self, keys: Vec<String>) -> BoxFuture<'static, Result<Vec<bool>, StoreError>> {
-        let asked = self.per_key(keys, true, "exists", |_, k| {
+    /// `read`: a replica may answer (not for leases, which must be current).
+    fn exists(
+        &self,
+        keys: Vec<String>,
+        read: bool,
+    ) -> BoxFuture<'static, Result<Vec<bool>, StoreError>> {
+        let asked = self.per_key(keys, read, "exists", |_, k| {
             let mut cmd = redis::cmd("EXISTS");
             cmd.arg(k);
             cmd
@@ -165,7 +170,7 @@ impl Store for ClusterStore {
     }
 
     fn exist_many(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<Vec<bool>, StoreError>> {
-        self.exists(keys.iter().map(|k| self.layout.entry(k)).collect())
+        self.exists(keys.iter().map(|k| self.layout.entry(k)).collect(), true)
     }
 
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
@@ -218,7 +223,7 @@ impl Store for ClusterStore {
     }
 
     fn leases_held(&self, keys: &[KeyHash]) -> BoxFuture<'static, Result<Vec<bool>, StoreError>> {
-        self.exists(keys.iter().map(|k| self.layout.lease(k)).collect())
+        self.exists(keys.iter().map(|k| self.layout.lease(k)).collect(), false)
     }
 
     fn meta_get(&self, field: &str) -> BoxFuture<'static, Result<Option<String>, StoreError>> {

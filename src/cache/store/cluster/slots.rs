@@ -20,6 +20,10 @@ pub const SLOTS: u16 = 16384;
 /// The map is read again at most this often, however many groups fail.
 const REFRESH_EVERY: Duration = Duration::from_millis(200);
 
+/// ... and at least this often, so that changes that cause no error (a
+/// replica now listed, for `read_from_replicas`) are seen too.
+const REREAD_AFTER: Duration = Duration::from_secs(10);
+
 /// The hash slot of `key`, as Redis computes it: CRC16 (XMODEM) of the
 /// key, or of its hash tag (the part between the first `{` and the next
 /// `}`, when not empty).
@@ -178,13 +182,25 @@ impl Slots {
         Arc::clone(&self.map.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The map, read first if none is known yet.
-    pub async fn get(&self, conn: &ClusterConnection) -> Result<Arc<SlotMap>, redis::RedisError> {
+    /// The map, read first if none is known yet (and read again in the
+    /// background when it is old).
+    pub async fn get(
+        self: &Arc<Self>,
+        conn: &ClusterConnection,
+    ) -> Result<Arc<SlotMap>, redis::RedisError> {
         let map = self.current();
-        if !map.is_empty() {
-            return Ok(map);
+        if map.is_empty() {
+            return self.refresh(conn).await;
         }
-        self.refresh(conn).await
+        let old = self
+            .last_refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none_or(|at| at.elapsed() > REREAD_AFTER);
+        if old {
+            self.stale(conn);
+        }
+        Ok(map)
     }
 
     /// Reads the map from any node.
