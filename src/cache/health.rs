@@ -168,8 +168,12 @@ impl Health {
     }
 
     /// Records a failure of `op` on `side`: counted, logged (rate-limited),
-    /// and the breaker opened once failures run on.
+    /// and the breaker opened once failures run on; a partial one (some
+    /// nodes of a cluster) as [`Health::partly_failed`].
     pub fn failed(&self, side: Side, op: &'static str, error: &StoreError) {
+        if error.is_partial() {
+            return self.partly_failed(side, op, error);
+        }
         self.metrics.store_errors.with_label_values(&[op]).inc();
         let s = self.side(side);
         *lock(&s.last_error) = Some(error.to_string());
@@ -290,6 +294,24 @@ mod tests {
         assert!(h.allow(Side::Read));
         assert_eq!(h.state(Side::Read), SideState::Ok);
         assert_eq!(h.metrics.store_up.get(), 1);
+    }
+
+    #[test]
+    fn partial_failures_are_counted_but_never_open_the_breaker() {
+        let h = health(1, 60_000);
+        let partial = StoreError::Partial {
+            failed: 1,
+            nodes: 3,
+            first: Box::new(timeout()),
+        };
+        for _ in 0..5 {
+            h.failed(Side::Read, "get", &partial);
+        }
+        assert!(h.allow(Side::Read), "the other nodes are still asked");
+        assert_eq!(h.state(Side::Read), SideState::Ok);
+        assert_eq!(h.metrics.store_errors.with_label_values(&["get"]).get(), 5);
+        h.failed(Side::Read, "get", &timeout());
+        assert!(!h.allow(Side::Read), "a whole failure still opens it");
     }
 
     #[test]

@@ -254,7 +254,6 @@ impl Cache {
             writing.send_modify(|n| *n -= 1);
             match result {
                 Ok(()) => health.succeeded(Side::Write),
-                Err(e) if e.is_partial() => health.partly_failed(Side::Write, "set", &e),
                 Err(e) => health.failed(Side::Write, "set", &e),
             }
             drop(holds);
