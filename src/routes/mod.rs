@@ -199,7 +199,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if readiness.is_ready() {
         axum::Json(body).into_response()
     } else {
-        body["serving"] = "from the vendor; what cannot be stored is fetched again".into();
+        body["serving"] = if readiness.failing_nodes().next().is_some() {
+            "from the nodes that answer; the failing nodes' keys from the vendor"
+        } else {
+            "from the vendor; what cannot be stored is fetched again"
+        }
+        .into();
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     }
 }

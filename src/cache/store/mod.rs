@@ -33,6 +33,8 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("embedded store: {0}")]
     Embedded(String),
+    #[error("store metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// Some nodes of a cluster failed, the others answered.
     #[error("{failed} of {nodes} store nodes failed: {first}")]
     Partial {

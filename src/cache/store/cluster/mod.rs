@@ -74,8 +74,7 @@ impl ClusterStore {
                 "Requests sent to store nodes, by operation (get|set|...): a pipeline to one node counts once.",
             ),
             &["op"],
-        )
-        .map_err(|e| StoreError::Embedded(e.to_string()))?;
+        )?;
         Ok(ClusterStore {
             router: Router {
                 conn,
