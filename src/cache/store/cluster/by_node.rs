@@ -7,15 +7,18 @@
 //! reshard) or a node gone (a failover). Moved keys are asked again one by
 //! one through the cluster client, which follows `MOVED` and `ASK` itself,
 //! and the map is read again; a group whose node does not answer fails on
-//! its own, so only that node's keys are misses.
+//! its own, so only that node's keys are misses; a node whose groups keep
+//! failing is not asked for a moment ([`Failing`]), so that its keys miss
+//! at once instead of each request waiting for it.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, BoxStream, FuturesUnordered};
 use futures_util::{FutureExt as _, StreamExt as _};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, RedisError, RetryMethod, Value};
+use redis::{Cmd, ErrorKind, RedisError, RetryMethod, Value};
 
 use super::slots::{Node, Slots};
 use crate::cache::store::StoreError;
@@ -44,6 +47,43 @@ impl Failure {
     }
 }
 
+/// Consecutive groups a node did not answer (no connection, or no answer
+/// in time) after which it is skipped...
+const SKIP_AFTER: u32 = 3;
+/// ... for this long; then it is asked again (and skipped again at its
+/// next failure).
+const SKIP_FOR: Duration = Duration::from_secs(1);
+
+/// Nodes whose groups failed lately: how many in a row, and until when
+/// they are skipped.
+#[derive(Default)]
+pub struct Failing(Mutex<HashMap<Node, (u32, Option<Instant>)>>);
+
+impl Failing {
+    fn skipped(&self, node: &Node) -> bool {
+        let failing = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        failing
+            .get(node)
+            .and_then(|(_, until)| *until)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn record(&self, node: &Node, answered: bool) {
+        let mut failing = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if answered {
+            if !failing.is_empty() {
+                failing.remove(node);
+            }
+            return;
+        }
+        let (failures, until) = failing.entry(node.clone()).or_default();
+        *failures += 1;
+        if *failures >= SKIP_AFTER {
+            *until = Some(Instant::now() + SKIP_FOR);
+        }
+    }
+}
+
 /// Builds the command of item `i`: one key each.
 pub type Make = Arc<dyn Fn(usize) -> Cmd + Send + Sync>;
 
@@ -55,6 +95,7 @@ pub struct Router {
     pub slots: Arc<Slots>,
     pub round_trips: prometheus::IntCounterVec,
     pub read_from_replicas: bool,
+    pub failing: Arc<Failing>,
     /// The first seed URL: other nodes are reached with its scheme and
     /// credentials.
     pub seed: Arc<str>,
@@ -158,6 +199,14 @@ impl Router {
         limit: Duration,
         make: Make,
     ) -> Answer {
+        if let Some(node) = node.as_ref().filter(|n| self.failing.skipped(n)) {
+            let why = "failing: not asked for a moment";
+            let skipped = RedisError::from((ErrorKind::Io, why, node.to_string()));
+            return Answer {
+                positions,
+                values: Err(Failure::Redis(skipped)),
+            };
+        }
         let asked = async {
             let Some(node) = &node else {
                 // A slot the map does not cover: the cluster client finds it.
@@ -190,6 +239,22 @@ impl Router {
             Ok(Err(e)) => Err(Failure::Redis(e)),
             Err(_) => Err(Failure::Timeout(limit)),
         };
+        if let Some(node) = &node {
+            // An error the node itself answered (a full node refusing a
+            // write) says nothing of its reads: only silence counts.
+            let silent = match &values {
+                Ok(_) => false,
+                Err(Failure::Timeout(_)) => true,
+                Err(Failure::Redis(e)) => {
+                    e.is_io_error()
+                        || e.is_connection_refusal()
+                        || e.is_connection_dropped()
+                        || e.is_timeout()
+                        || e.kind() == ErrorKind::ClusterConnectionNotFound
+                }
+            };
+            self.failing.record(node, !silent);
+        }
         Answer { positions, values }
     }
 
@@ -234,5 +299,34 @@ pub async fn bounded<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(Failure::Redis(e)),
         Err(_) => Err(Failure::Timeout(limit)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_silent_for_a_while_is_skipped_until_it_is_asked_again() {
+        let failing = Failing::default();
+        let node = Node {
+            host: "127.0.0.1".into(),
+            port: 7000,
+        };
+        let other = Node {
+            host: "127.0.0.1".into(),
+            port: 7001,
+        };
+        for _ in 0..SKIP_AFTER - 1 {
+            failing.record(&node, false);
+        }
+        assert!(!failing.skipped(&node), "not before {SKIP_AFTER} in a row");
+        failing.record(&node, false);
+        assert!(failing.skipped(&node));
+        assert!(!failing.skipped(&other), "only that node");
+        failing.record(&node, true);
+        assert!(!failing.skipped(&node), "an answer clears it");
+        failing.record(&node, false);
+        assert!(!failing.skipped(&node), "the count starts over");
     }
 }

@@ -81,6 +81,7 @@ impl ClusterStore {
                 slots: Arc::new(Slots::new(&default_host)),
                 round_trips,
                 read_from_replicas,
+                failing: Arc::default(),
                 seed: seeds.first().map_or("", String::as_str).into(),
             },
             layout,
