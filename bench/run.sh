@@ -11,7 +11,11 @@
 # repeats the Zipf and 1-input base64 runs (one request per connection, and
 # pipelined) on a second one with the in-process L1 cache on, as shipped
 # (EMBGATE__L1__MAX_BYTES=--l1-bytes, default 128 MiB), for the report's
-# targets and "In-process L1 cache" section; --no-l1 skips that. Each target
+# targets and "In-process L1 cache" section; --no-l1 skips that. Then it
+# starts a local Redis Cluster of three masters (redis-server and redis-cli
+# on free loopback ports) and a gateway on it, and repeats the 64- and
+# 2048-input all-hit base64 runs with the store round trips per request,
+# for the report's "Redis Cluster" rows; --no-cluster skips that. Each target
 # is judged on the median of --rounds (default 3) back-to-back rounds of its
 # runs and the ceiling. Needs a running Redis; takes about 6 minutes once
 # built. For instruction counts per request (no machine noise), see

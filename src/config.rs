@@ -28,6 +28,8 @@ url = ""
 path = "embgate-data/cache.redb"
 max_bytes = 0
 cache_bytes = 268435456
+cluster_nodes = ""
+read_from_replicas = false
 key_prefix = "embgate"
 timeout_ms = 50
 max_wait_ms = 1000
@@ -186,6 +188,12 @@ pub struct StoreSettings {
     pub max_bytes: u64,
     /// The embedded store's page cache, in memory.
     pub cache_bytes: u64,
+    /// Comma-separated seed node URLs of a Redis Cluster; set, the store is
+    /// that cluster instead of `url`.
+    pub cluster_nodes: String,
+    /// In a cluster, look entries up on replicas (they may lag their master
+    /// by the last writes: such an entry is a miss, paid again).
+    pub read_from_replicas: bool,
     pub key_prefix: String,
     /// A lookup waits for the store as long as the vendor typically takes
     /// to answer (waiting is cheaper than paying again), but at least this
@@ -492,6 +500,7 @@ impl Settings {
         if self.store.key_prefix.is_empty() || self.store.key_prefix.contains(char::is_whitespace) {
             return invalid("store.key_prefix", "must be non-empty, without spaces");
         }
+        self.validate_cluster()?;
         if self.store.timeout_ms == 0
             || self.store.write_timeout_ms == 0
             || self.store.max_wait_ms == 0
@@ -603,6 +612,41 @@ impl Settings {
         Ok(())
     }
 
+    /// A cluster's seeds must be Redis URLs, and name the store alone.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let seeds = self.store.cluster_seeds();
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "store.cluster_nodes",
+            reason,
+        };
+        if seeds.is_empty() {
+            return Ok(());
+        }
+        if !self.store.url.trim().is_empty() {
+            return Err(invalid(
+                "set either store.url (one Redis) or store.cluster_nodes (a cluster), not both"
+                    .to_owned(),
+            ));
+        }
+        for seed in &seeds {
+            let url =
+                reqwest::Url::parse(seed).map_err(|_| invalid(format!("{seed:?} is not a URL")))?;
+            if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
+                return Err(invalid(format!(
+                    "{seed:?}: a node URL is redis://host:port (or rediss://)"
+                )));
+            }
+        }
+        // A hash tag in the prefix would put every entry in one slot.
+        if self.store.key_prefix.contains(['{', '}']) {
+            return Err(ConfigError::Invalid {
+                key: "store.key_prefix",
+                reason: "must not contain `{` or `}` on a cluster".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// The mode in force, with `auto` resolved: `forward` when the gateway
     /// holds no vendor key, `gateway` when it holds one and tenants are
     /// configured, and refused otherwise: `open` is never guessed.
@@ -641,12 +685,23 @@ impl ServerSettings {
 
 impl StoreSettings {
     /// No Redis named: the gateway keeps its cache in its own file.
+    /// Neither a Redis nor a cluster is named: the embedded store.
     pub fn is_embedded(&self) -> bool {
-        self.url.trim().is_empty()
+        self.url.trim().is_empty() && self.cluster_seeds().is_empty()
     }
 
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// The seed URLs of `cluster_nodes`; empty without a cluster.
+    pub fn cluster_seeds(&self) -> Vec<String> {
+        self.cluster_nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -869,6 +924,38 @@ deployments = { "any-model" = "any-deployment" }
         assert_eq!(s.upstream.timeout_secs, 7);
         assert_eq!(s.prices["my-model"], 1.5);
         assert_eq!(s.prices["text-embedding-3-small"], 0.02);
+    }
+
+    #[test]
+    fn cluster_nodes_are_checked() {
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "EMBGATE__STORE__CLUSTER_NODES",
+                "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
+            )]),
+        )
+        .expect("loads");
+        assert_eq!(
+            s.store.cluster_seeds(),
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        assert!(!s.store.read_from_replicas);
+        for bad in [
+            vec![("EMBGATE__STORE__CLUSTER_NODES", "127.0.0.1:7000")],
+            vec![("EMBGATE__STORE__CLUSTER_NODES", "http://h:1")],
+            vec![
+                ("EMBGATE__STORE__CLUSTER_NODES", "redis://h:1"),
+                ("EMBGATE__STORE__URL", "redis://other:6379/0"),
+            ],
+            vec![
+                ("EMBGATE__STORE__CLUSTER_NODES", "redis://h:1"),
+                ("EMBGATE__STORE__KEY_PREFIX", "p{x}"),
+            ],
+        ] {
+            let err = Settings::load_from(None, env(&bad));
+            assert!(matches!(err, Err(ConfigError::Invalid { .. })), "{bad:?}");
+        }
     }
 
     #[test]

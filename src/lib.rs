@@ -93,6 +93,9 @@ impl Engine {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
     ) -> Result<Engine, StartupError> {
+        for collector in store.collectors() {
+            metrics.register(collector)?;
+        }
         let cache = Arc::new(Cache::new(
             Arc::clone(&store),
             &settings.store,

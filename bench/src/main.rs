@@ -10,6 +10,7 @@
 //!
 //! `bench/run.sh` builds everything and runs this with the defaults.
 
+mod cluster;
 mod http;
 mod l1;
 mod load;
@@ -118,6 +119,10 @@ struct Args {
     /// default size).
     #[arg(long, default_value_t = 128 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     l1_bytes: u64,
+    /// Skip the Redis Cluster rows (a local cluster of three masters and a
+    /// gateway on it, repeating the 64- and 2048-input all-hit runs).
+    #[arg(long)]
+    no_cluster: bool,
     /// Criterion output (`--output-format bencher`) to include in the report.
     #[arg(long)]
     criterion: Option<PathBuf>,
@@ -198,6 +203,8 @@ pub struct Results {
     pub deleted_keys: Option<u64>,
     /// The L1 comparison, unless skipped; `Err` if it failed.
     pub l1: Option<Result<l1::Comparison, String>>,
+    /// The Redis Cluster rows, unless skipped; `Err` if they failed.
+    pub cluster: Option<Result<cluster::ClusterRuns, String>>,
     /// The 2048-input latency targets' rounds (`--rounds`).
     pub hit2048_rounds: Vec<LatencyRound>,
 }
@@ -736,6 +743,7 @@ async fn run_scenarios(
         store_warnings: 0,
         deleted_keys: None,
         l1: None,
+        cluster: None,
         hit2048_rounds: Vec::new(),
     };
     let (pool1, pool64, pool2048) = (&pools.one, &pools.sixtyfour, &pools.large);
@@ -975,8 +983,9 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("http client: {e}"))?;
 
     let mut gateway = spawn_gateway(&args, &vendor.base_url(), &prefix, "gateway", &[])?;
-    // The L1 comparison's gateway, once started.
+    // The L1 comparison's and the cluster rows' gateways, once started.
     let mut l1_gateway: Option<GatewayProcess> = None;
+    let mut cluster_gateway: Option<GatewayProcess> = None;
     eprintln!(
         "gateway pid {} at {} (key prefix {prefix}, log {})",
         gateway.pid(),
@@ -1014,6 +1023,28 @@ async fn run(args: Args) -> Result<(), String> {
                 }
                 results.l1 = Some(compared);
             }
+            if !args.no_cluster && (args.runs(Scenario::Hit64) || args.runs(Scenario::Hit2048)) {
+                gateway.stop();
+                if let Some(g) = &mut l1_gateway {
+                    g.stop();
+                }
+                let compared = cluster::compare(
+                    &args,
+                    &ctx,
+                    &vendor.base_url(),
+                    &prefix,
+                    &pools,
+                    &mut cluster_gateway,
+                )
+                .await;
+                if let Err(e) = &compared {
+                    eprintln!("Redis Cluster rows failed: {e}");
+                }
+                if let Some(g) = &mut cluster_gateway {
+                    g.stop();
+                }
+                results.cluster = Some(compared);
+            }
             Ok(results)
         };
         tokio::select! {
@@ -1026,6 +1057,9 @@ async fn run(args: Args) -> Result<(), String> {
     // Stop the gateways first so no late cache write outlives the clean-up.
     gateway.stop();
     if let Some(g) = &mut l1_gateway {
+        g.stop();
+    }
+    if let Some(g) = &mut cluster_gateway {
         g.stop();
     }
     let deleted = delete_prefix(&mut redis_conn, &prefix).await;

@@ -435,6 +435,9 @@ pub fn render(input: &Input) -> String {
     if let Some(compared) = &r.l1 {
         render_l1(&mut md, input, compared);
     }
+    if let Some(cluster) = &r.cluster {
+        render_cluster(&mut md, r, cluster);
+    }
 
     // Memory.
     if r.memory.peak_2048.is_some() || r.memory.after_warmup_rss.is_some() {
@@ -875,6 +878,68 @@ fn render_l1(md: &mut String, input: &Input, compared: &Result<Comparison, Strin
         "{}\n",
         l1_rule(pair("zipf/base64"), pair("hit1/base64"))
     );
+}
+
+/// The "Redis Cluster" section: the cluster rows next to the single-Redis
+/// rows of the same run.
+fn render_cluster(
+    md: &mut String,
+    r: &crate::Results,
+    cluster: &Result<crate::cluster::ClusterRuns, String>,
+) {
+    md.push_str("## Redis Cluster\n\n");
+    let runs = match cluster {
+        Ok(runs) => runs,
+        Err(e) => {
+            let _ = writeln!(md, "The cluster rows failed, so nothing is measured: {e}\n");
+            return;
+        }
+    };
+    let _ = writeln!(
+        md,
+        "The same all-hit base64 runs on a local Redis Cluster of {} masters (no replicas; \
+         `redis-server --cluster-enabled yes` on loopback, started by the load generator), \
+         through a gateway on it (L1 off), next to the single-Redis rows above. Round trips \
+         per request: the gateway's `embgate_store_round_trips_total{{op=\"get\"}}` over {} \
+         requests sent one at a time; on the cluster, one pipeline per master touched, \
+         whatever the number of inputs. On one Redis a lookup is one MGET per 256 keys, \
+         all sent at once.\n",
+        runs.masters, 20
+    );
+    md.push_str(
+        "| Run | Store | Connections | Requests | Errors | Not hit | req/s | p50 ms | p99 ms \
+         | Store requests / request |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for (id, row) in &runs.rows {
+        let inputs: usize = if id.starts_with("hit64") { 64 } else { 2048 };
+        let mut line = |store: &str, m: &Measured, trips: String| {
+            let st = &m.stats;
+            let _ = writeln!(
+                md,
+                "| {id} | {store} | {} | {} | {} | {} | {:.0} | {} | {} | {trips} |",
+                st.concurrency,
+                st.ok,
+                st.errors,
+                st.unexpected,
+                st.per_second(),
+                ms(st.p50()),
+                ms(st.p99()),
+            );
+        };
+        if let Some(single) = r.runs.get(id) {
+            line(
+                "one Redis",
+                single,
+                format!("{} MGET", inputs.div_ceil(256)),
+            );
+        }
+        line(
+            &format!("cluster, {} masters", runs.masters),
+            &row.measured,
+            format!("{:.2}", row.round_trips),
+        );
+    }
+    md.push('\n');
 }
 
 fn zipf_title(shape: Option<&ZipfShape>) -> String {

@@ -12,6 +12,10 @@
 //! keeps it open for twice as long, up to `store.breaker_max_open_ms`. The
 //! intervals stay short so that a passing hiccup costs little caching.
 //!
+//! A store of several nodes (a cluster) whose failure is partial, some
+//! nodes answering, does not open the breaker: only the failing nodes'
+//! keys are misses, and the others keep being asked.
+//!
 //! Failures are counted in `embgate_store_errors_total` every time but
 //! logged at most once per [`LOG_EVERY`] per operation, with the number
 //! left out, so an outage does not flood the log.
@@ -164,8 +168,12 @@ impl Health {
     }
 
     /// Records a failure of `op` on `side`: counted, logged (rate-limited),
-    /// and the breaker opened once failures run on.
+    /// and the breaker opened once failures run on; a partial one (some
+    /// nodes of a cluster) as [`Health::partly_failed`].
     pub fn failed(&self, side: Side, op: &'static str, error: &StoreError) {
+        if error.is_partial() {
+            return self.partly_failed(side, op, error);
+        }
         self.metrics.store_errors.with_label_values(&[op]).inc();
         let s = self.side(side);
         *lock(&s.last_error) = Some(error.to_string());
@@ -189,6 +197,16 @@ impl Health {
             }
             s.breaker_open.set(1);
         }
+        self.warn(op, error);
+    }
+
+    /// Records a failure of `op` on part of the store (some nodes of a
+    /// cluster) while the rest answered: counted and logged like any
+    /// failure, but the store as a whole answers, so the breaker, which
+    /// would stop asking every node, stays closed.
+    pub fn partly_failed(&self, side: Side, op: &'static str, error: &StoreError) {
+        self.metrics.store_errors.with_label_values(&[op]).inc();
+        self.succeeded(side);
         self.warn(op, error);
     }
 
@@ -276,6 +294,24 @@ mod tests {
         assert!(h.allow(Side::Read));
         assert_eq!(h.state(Side::Read), SideState::Ok);
         assert_eq!(h.metrics.store_up.get(), 1);
+    }
+
+    #[test]
+    fn partial_failures_are_counted_but_never_open_the_breaker() {
+        let h = health(1, 60_000);
+        let partial = StoreError::Partial {
+            failed: 1,
+            nodes: 3,
+            first: Box::new(timeout()),
+        };
+        for _ in 0..5 {
+            h.failed(Side::Read, "get", &partial);
+        }
+        assert!(h.allow(Side::Read), "the other nodes are still asked");
+        assert_eq!(h.state(Side::Read), SideState::Ok);
+        assert_eq!(h.metrics.store_errors.with_label_values(&["get"]).get(), 5);
+        h.failed(Side::Read, "get", &timeout());
+        assert!(!h.allow(Side::Read), "a whole failure still opens it");
     }
 
     #[test]

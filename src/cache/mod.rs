@@ -28,7 +28,7 @@ use self::health::{Health, Side, SideState};
 use self::inflight::{Claim, Inflight, Promise};
 use self::key::{KeyHash, KeyHashState};
 use self::l1::L1;
-use self::store::Store;
+use self::store::{NodeHealth, Store};
 use crate::config::StoreSettings;
 use crate::metrics::Metrics;
 
@@ -64,11 +64,20 @@ pub struct Readiness {
     pub store: &'static str,
     pub read: SideState,
     pub write: SideState,
+    /// Each node of a store made of several (a cluster); empty otherwise.
+    pub nodes: Vec<NodeHealth>,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.read == SideState::Ok && self.write == SideState::Ok
+        self.read == SideState::Ok
+            && self.write == SideState::Ok
+            && self.nodes.iter().all(|n| n.error.is_none())
+    }
+
+    /// The nodes that do not answer, as `host:port`.
+    pub fn failing_nodes(&self) -> impl Iterator<Item = &NodeHealth> {
+        self.nodes.iter().filter(|n| n.error.is_some())
     }
 }
 
@@ -207,10 +216,14 @@ impl Cache {
         let limit = wait + Duration::from_micros(100 * keys.len() as u64);
         let mut chunks = self.store.get_many(&keys, limit);
         let mut failed = None;
+        let mut answered = false;
         // Each chunk is checked as it arrives, while later ones are in transfer.
         while let Some((range, values)) = chunks.next().await {
             let values = match values {
-                Ok(values) => values,
+                Ok(values) => {
+                    answered = true;
+                    values
+                }
                 Err(e) => {
                     if e.is_timeout() {
                         self.metrics.store_timeouts.inc_by(range.len() as u64);
@@ -242,6 +255,8 @@ impl Cache {
             }
         }
         match failed {
+            // Some nodes of a cluster answered: only the others' keys missed.
+            Some(e) if answered => self.health.partly_failed(Side::Read, "get", &e),
             Some(e) => self.health.failed(Side::Read, "get", &e),
             None => self.health.succeeded(Side::Read),
         }
@@ -368,22 +383,29 @@ impl Cache {
     /// write), and says what the cache knows of each side.
     pub async fn readiness(&self) -> Readiness {
         let limit = self.max_wait.max(Duration::from_millis(500));
-        let (read, write) = tokio::join!(
+        let (read, write, nodes) = tokio::join!(
             bounded(limit, self.store.ping()),
             bounded(limit, self.store.probe_write()),
+            self.store.nodes(),
         );
-        match read {
-            Ok(()) => self.health.succeeded(Side::Read),
-            Err(e) => self.health.failed(Side::Read, "ping", &e),
-        }
-        match write {
-            Ok(()) => self.health.succeeded(Side::Write),
-            Err(e) => self.health.failed(Side::Write, "write_probe", &e),
+        // The ping and the probe each reach one node: with others still
+        // answering, that node's failure is the cluster's partial one.
+        let others_answer = nodes.iter().any(|n| n.error.is_none());
+        for (side, op, result) in [
+            (Side::Read, "ping", read),
+            (Side::Write, "write_probe", write),
+        ] {
+            match result {
+                Ok(()) => self.health.succeeded(side),
+                Err(e) if others_answer => self.health.partly_failed(side, op, &e),
+                Err(e) => self.health.failed(side, op, &e),
+            }
         }
         Readiness {
             store: self.store.kind(),
             read: self.health.state(Side::Read),
             write: self.health.state(Side::Write),
+            nodes,
         }
     }
 }

@@ -178,9 +178,10 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready means the store takes both reads and writes. When it does not,
-/// the gateway still serves (from the vendor), so this reports `degraded`
-/// with 503 and what fails.
+/// Ready means the store takes both reads and writes (on a cluster: every
+/// node answers). When it does not, the gateway still serves (from the
+/// vendor, or from the nodes still answering), so this reports `degraded`
+/// with 503 and what fails, naming a cluster's failing nodes.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let readiness = state.pipeline.cache().readiness().await;
     let describe = |side: &SideState| match side {
@@ -188,17 +189,37 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         SideState::Failing(e) => format!("failing: {e}"),
         SideState::BreakerOpen(e) => format!("failing (not asked until the next probe): {e}"),
     };
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": if readiness.is_ready() { "ready" } else { "degraded" },
         "store": readiness.store,
         "reads": describe(&readiness.read),
         "writes": describe(&readiness.write),
     });
+    if !readiness.nodes.is_empty() {
+        let nodes: serde_json::Map<String, serde_json::Value> = readiness
+            .nodes
+            .iter()
+            .map(|n| {
+                let state = match &n.error {
+                    None => format!("{}, ok", n.role),
+                    Some(e) => format!("{}, failing: {e}", n.role),
+                };
+                (n.node.clone(), state.into())
+            })
+            .collect();
+        body["nodes"] = nodes.into();
+        let failing: Vec<&str> = readiness.failing_nodes().map(|n| n.node.as_str()).collect();
+        body["failing_nodes"] = failing.into();
+    }
     if readiness.is_ready() {
         axum::Json(body).into_response()
     } else {
-        let mut body = body;
-        body["serving"] = "from the vendor; what cannot be stored is fetched again".into();
+        body["serving"] = if readiness.failing_nodes().next().is_some() {
+            "from the nodes that answer; the failing nodes' keys from the vendor"
+        } else {
+            "from the vendor; what cannot be stored is fetched again"
+        }
+        .into();
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     }
 }

@@ -3,6 +3,8 @@
 //! temporary directory) and the fake vendor; and the real binary.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

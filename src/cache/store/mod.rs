@@ -10,6 +10,7 @@
 //! Methods return boxed `'static` futures so the trait can be used as
 //! `Arc<dyn Store>`; each call owns what it needs.
 
+pub mod cluster;
 pub mod embedded;
 pub mod redis;
 
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 
@@ -46,12 +48,26 @@ pub enum StoreError {
         path.display()
     )]
     InUse { path: PathBuf, holder: String },
+    #[error("store metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// Some nodes of a cluster failed, the others answered.
+    #[error("{failed} of {nodes} store nodes failed: {first}")]
+    Partial {
+        failed: usize,
+        nodes: usize,
+        first: Box<StoreError>,
+    },
 }
 
 impl StoreError {
     /// A store that is slow rather than failing.
     pub fn is_timeout(&self) -> bool {
         matches!(self, StoreError::Timeout(_))
+    }
+
+    /// Only part of the store failed: the rest answered.
+    pub fn is_partial(&self) -> bool {
+        matches!(self, StoreError::Partial { .. })
     }
 }
 
@@ -101,6 +117,17 @@ impl Cursor {
     }
 }
 
+/// How one node of the store answers, for `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHealth {
+    /// `host:port`.
+    pub node: String,
+    /// `master` or `replica`.
+    pub role: &'static str,
+    /// Why it is failing; `None` while it answers.
+    pub error: Option<String>,
+}
+
 /// An addition to one ledger field.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Increment {
@@ -112,8 +139,8 @@ pub trait Store: Send + Sync + 'static {
     /// Names the backend in logs and `/readyz`.
     fn kind(&self) -> &'static str;
 
-    /// The values of `keys`, chunk by chunk as they arrive (in order), each
-    /// within `limit`. A failed chunk makes only its own keys misses.
+    /// The values of `keys`, chunk by chunk as they arrive, each within
+    /// `limit`. A failed chunk makes only its own keys misses.
     fn get_many(&self, keys: &[KeyHash], limit: Duration) -> BoxStream<'static, Chunk>;
 
     /// Stores every pair, to expire after `ttl` (never when `None`).
@@ -216,12 +243,34 @@ pub trait Store: Send + Sync + 'static {
         &self,
         changes: Vec<(KeyHash, Bytes, Bytes)>,
     ) -> BoxFuture<'static, Result<u64, StoreError>>;
+
+    /// Metrics of the backend's own, registered with the gateway's.
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        Vec::new()
+    }
+
+    /// Each node of a store made of several, and whether it answers;
+    /// empty for a store of one.
+    fn nodes(&self) -> BoxFuture<'static, Vec<NodeHealth>> {
+        async { Vec::new() }.boxed()
+    }
 }
 
-/// Opens the store the settings name: Redis at `store.url`, or without
-/// one the embedded store at `store.path`.
+/// Opens the store the settings name: the Redis Cluster at
+/// `store.cluster_nodes` when set, else Redis at `store.url`, else the
+/// embedded store at `store.path`.
 pub fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
     let layout = KeyLayout::new(&settings.key_prefix);
+    let seeds = settings.cluster_seeds();
+    if !seeds.is_empty() {
+        let store = cluster::ClusterStore::connect_lazy(
+            &seeds,
+            settings.read_from_replicas,
+            layout,
+            settings.write_timeout(),
+        )?;
+        return Ok(Arc::new(store));
+    }
     if settings.is_embedded() {
         let options = embedded::Options {
             max_bytes: settings.max_bytes,

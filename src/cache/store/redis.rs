@@ -21,11 +21,11 @@ use crate::cache::key::{KeyHash, KeyLayout};
 pub const MGET_CHUNK_KEYS: usize = 256;
 
 /// The `meta` field the write probe sets.
-const PROBE_FIELD: &str = "write_probe";
+pub(super) const PROBE_FIELD: &str = "write_probe";
 
 /// Checks `GET` against the token before deleting: a lease that expired and
 /// was taken by another gateway is not ours to release.
-const RELEASE_LEASES: &str = r"
+pub(super) const RELEASE_LEASES: &str = r"
 local n = 0
 for _, k in ipairs(KEYS) do
   if redis.call('GET', k) == ARGV[1] then n = n + redis.call('DEL', k) end
@@ -33,7 +33,7 @@ end
 return n";
 
 /// Replaces each key's value only if it is still the one read.
-const COMPARE_AND_SET: &str = r"
+pub(super) const COMPARE_AND_SET: &str = r"
 local n = 0
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[2 * i - 1] then
@@ -315,17 +315,7 @@ impl Store for RedisStore {
         if increments.is_empty() {
             return async { Ok(()) }.boxed();
         }
-        let key = self.layout.ledger();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (field, increment) in &increments {
-            match increment {
-                Increment::Int(n) => pipe.cmd("HINCRBY").arg(&key).arg(field).arg(*n),
-                Increment::Float(x) => pipe.cmd("HINCRBYFLOAT").arg(&key).arg(field).arg(*x),
-            }
-            .ignore();
-        }
-        self.query_pipe::<()>(pipe)
+        self.query_pipe::<()>(ledger_transaction(&self.layout.ledger(), &increments))
     }
 
     fn ledger_read(&self) -> BoxFuture<'static, Result<Vec<(String, String)>, StoreError>> {
@@ -414,6 +404,20 @@ impl Store for RedisStore {
     }
 }
 
+/// The ledger's increments as one transaction on its hash.
+pub(super) fn ledger_transaction(key: &str, increments: &[(String, Increment)]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for (field, increment) in increments {
+        match increment {
+            Increment::Int(n) => pipe.cmd("HINCRBY").arg(key).arg(field).arg(*n),
+            Increment::Float(x) => pipe.cmd("HINCRBYFLOAT").arg(key).arg(field).arg(*x),
+        }
+        .ignore();
+    }
+    pipe
+}
+
 fn exists(
     store: &RedisStore,
     keys: Vec<String>,
@@ -453,17 +457,17 @@ async fn bounded<T>(
 }
 
 /// A numeric field of an `INFO` section.
-fn info_field(info: &str, name: &str) -> Option<u64> {
+pub(super) fn info_field(info: &str, name: &str) -> Option<u64> {
     info.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn millis(d: Duration) -> u64 {
+pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
