@@ -59,6 +59,7 @@ pub struct Metrics {
     pub cache_saved_usd: CounterVec,
     pub upstream_tokens: IntCounterVec,
     pub upstream_spent_usd: CounterVec,
+    pub upstream_batch_spent_usd: CounterVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_duration: Histogram,
     pub upstream_inputs: IntCounterVec,
@@ -183,6 +184,11 @@ impl Metrics {
             upstream_spent_usd: counter(
                 "embgate_upstream_spent_usd_total",
                 "US dollars spent at the vendor, by model (prices.<model>).",
+                &["model"],
+            )?,
+            upstream_batch_spent_usd: counter(
+                "embgate_upstream_batch_spent_usd_total",
+                "Of embgate_upstream_spent_usd_total, US dollars spent through the vendor's Batch API, by model (batch_prices.<model>, or prices.<model> times prices.batch_discount).",
                 &["model"],
             )?,
             upstream_requests: int_counter(

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tower_service::Service;
 
 use crate::error::ApiError;
-use crate::{Shared, embeddings, passthrough};
+use crate::{Shared, batches, embeddings, passthrough};
 
 /// Largest request body read; OpenAI accepts multi-megabyte embedding
 /// batches (2048 inputs of up to 8192 tokens).
@@ -40,6 +40,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(passthrough::chat_completions))
         .route("/v1/echo", any(passthrough::echo))
         .route("/v1/echo/{*rest}", any(passthrough::echo))
+        .merge(batch_routes(shared.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -47,6 +48,24 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             log_request,
         ))
         .with_state(shared)
+}
+
+/// The Files and Batch APIs, behind the key check.
+fn batch_routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
+    let upload = post(batches::upload).layer(axum::extract::DefaultBodyLimit::max(
+        batches::MAX_FILE_BYTES + 64 * 1024,
+    ));
+    Router::new()
+        .route("/v1/files", upload)
+        .route("/v1/files/{id}", get(batches::file))
+        .route("/v1/files/{id}/content", get(batches::content))
+        .route("/v1/batches", post(batches::create))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared,
+            batches::require_key,
+        ))
 }
 
 /// Records every request line before any route sees it.

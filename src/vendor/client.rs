@@ -202,6 +202,29 @@ impl Upstream {
         self.deployments.get(model).map_or(model, String::as_str)
     }
 
+    /// `path` of the Files and Batch APIs (`files`, `batches/{id}`...).
+    pub(super) fn batch_api_url(&self, path: &str) -> String {
+        match self.flavour {
+            Flavour::Openai => format!("{}/{path}", self.base_url),
+            Flavour::Azure => format!(
+                "{}/openai/{path}?api-version={}",
+                self.base_url, self.api_version
+            ),
+        }
+    }
+
+    /// The model a batch line names: for Azure, the deployment.
+    pub(super) fn batch_model<'a>(&'a self, model: &'a str) -> &'a str {
+        match self.flavour {
+            Flavour::Openai => model,
+            Flavour::Azure => self.deployment(model),
+        }
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        Duration::from_secs(self.settings.timeout_secs)
+    }
+
     /// Where embeddings of `model` are requested.
     pub fn embeddings_url(&self, model: &str) -> String {
         match self.flavour {
@@ -268,11 +291,21 @@ impl Upstream {
         let body = serde_json::to_vec(&RequestBody(call))
             .map_err(|e| UpstreamError::InvalidResponse(format!("encoding request: {e}")))?;
         let body = Bytes::from(body);
+        self.retrying(|| self.send_once(call, body.clone())).await
+    }
+
+    /// Runs `once` until it succeeds, fails for good, or the retry budget
+    /// (`upstream.max_retries`, `upstream.retry_deadline_secs`) is spent.
+    pub(super) async fn retrying<T, F, Fut>(&self, mut once: F) -> Result<T, UpstreamError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
         let deadline = Instant::now() + Duration::from_secs(self.settings.retry_deadline_secs);
         let mut attempt = 0u32;
         loop {
-            let err = match self.send_once(call, body.clone()).await {
-                Ok(embeddings) => return Ok(embeddings),
+            let err = match once().await {
+                Ok(answer) => return Ok(answer),
                 Err(e) => e,
             };
             if !err.is_retryable() || attempt >= self.settings.max_retries {

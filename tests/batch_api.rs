@@ -1,0 +1,403 @@
+//! `embgate warm --batch-api`: misses through the vendor's Batch API, end to
+//! end against a real store and the fake vendor's files and batches.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use embgate::accounting::ledger::{Kind, read_ledger};
+use embgate::config::Settings;
+use embgate::protocol::Input;
+use embgate::warm::{self, Checkpoint, Stop, WarmError, WarmOptions, WarmSummary};
+use fake_vendor::{BatchFate, FakeVendor, InputItem};
+use rstest::rstest;
+
+/// One JSON string line per text.
+fn write(scratch: &Scratch, name: &str, texts: &[&str]) -> PathBuf {
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|t| serde_json::to_string(t).expect("json"))
+        .collect();
+    scratch.write(name, &lines)
+}
+
+/// Settings for a run on the scratch's store, polling batches quickly.
+fn settings(scratch: &Scratch, vendor: &FakeVendor, more: &[(&str, &str)]) -> Settings {
+    let quick = [
+        ("EMBGATE__BATCH_API__POLL_MIN_MS", "2"),
+        ("EMBGATE__BATCH_API__POLL_MAX_MS", "20"),
+    ];
+    let more: Vec<(&str, String)> = quick
+        .iter()
+        .chain(more)
+        .map(|(k, v)| (*k, (*v).to_owned()))
+        .collect();
+    scratch.settings(vendor, &more)
+}
+
+fn checkpoint(opts: &WarmOptions) -> Checkpoint {
+    warm::read_checkpoint(&opts.checkpoint_path())
+        .expect("readable checkpoint")
+        .expect("a checkpoint exists")
+}
+
+/// What `--batch-api --status` prints.
+async fn follow(settings: &Settings, opts: &WarmOptions) -> String {
+    let opts = WarmOptions {
+        status: true,
+        ..opts.clone()
+    };
+    warm::batch_status(settings, &opts).await.expect("status")
+}
+
+fn options(file: &Path) -> WarmOptions {
+    WarmOptions {
+        quiet: true,
+        batch_api: true,
+        ..WarmOptions::new(file)
+    }
+}
+
+fn tokens(t: &str) -> u64 {
+    u64::from(fake_vendor::tokens(SMALL, &text(t)).expect("tokens"))
+}
+
+/// The inputs every batch line carried, with repeats.
+fn batched(vendor: &FakeVendor) -> Vec<InputItem> {
+    vendor
+        .batch_lines()
+        .into_iter()
+        .flat_map(|line| {
+            let request = line.request;
+            assert_eq!(request.model.as_deref(), Some(SMALL));
+            assert_eq!(request.encoding_format.as_deref(), Some("base64"));
+            assert_eq!(request.inputs.len(), 1, "one input per request");
+            request.inputs
+        })
+        .collect()
+}
+
+/// Synchronous embeddings calls' inputs.
+fn synchronous(vendor: &FakeVendor) -> Vec<InputItem> {
+    vendor
+        .embedding_requests()
+        .into_iter()
+        .flat_map(|r| r.inputs)
+        .collect()
+}
+
+/// Every text is a hit for a gateway on the store, with the vendor's vector.
+async fn assert_cached(scratch: &Scratch, vendor: FakeVendor, texts: &[&str]) -> FakeVendor {
+    let gw = TestGateway::start_in(
+        Arc::clone(&scratch.home),
+        vendor,
+        &[
+            ("EMBGATE__AUTH__MODE", "open"),
+            ("EMBGATE__UPSTREAM__API_KEY", "sk-test"),
+        ],
+    )
+    .await;
+    let before = gw.vendor.total_inputs_embedded();
+    for t in texts {
+        let key = gw.key(SMALL, None, &Input::Text((*t).to_owned()));
+        assert!(gw.entries().await.contains(&key), "{t} stored");
+        let (cache, body) = gw
+            .embed(&serde_json::json!({"model": SMALL, "input": t}))
+            .await;
+        assert_eq!(cache, "hit", "{t}");
+        assert_eq!(
+            vectors(&body)[0],
+            vendor_vector(SMALL, None, &text(t)),
+            "{t}"
+        );
+    }
+    assert_eq!(gw.vendor.total_inputs_embedded(), before, "all hits");
+    let (vendor, _) = gw.stop().await;
+    vendor
+}
+
+async fn spent_usd_in_ledger(settings: &Settings) -> f64 {
+    let store = open_store(settings).await;
+    let ledger = read_ledger(store.as_ref(), None).await.expect("ledger");
+    ledger
+        .iter()
+        .filter(|(account, _)| account.kind == Kind::SpentUsd)
+        .map(|(_, usd)| usd)
+        .sum()
+}
+
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
+#[tokio::test]
+async fn misses_complete_through_batches_and_only_misses_are_submitted(#[case] backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let vendor = FakeVendor::start().await;
+    let cached = ["alpha", "beta"];
+    let settings = settings(
+        &scratch,
+        &vendor,
+        &[
+            ("EMBGATE__BATCH_API__MAX_REQUESTS_PER_BATCH", "3"),
+            ("EMBGATE__BATCH_API__MAX_IN_FLIGHT", "2"),
+        ],
+    );
+    // Two inputs are cached already, synchronously.
+    let first = write(&scratch, "first.jsonl", &cached);
+    let sync = WarmOptions {
+        batch_api: false,
+        ..options(&first)
+    };
+    warm::warm(&settings, &sync).await.expect("sync warm");
+    vendor.reset_records();
+
+    let texts = [
+        "alpha", "one", "two", "beta", "three", "one", "four", "five", "six", "two", "seven",
+    ];
+    let misses: HashSet<&str> = texts
+        .iter()
+        .copied()
+        .filter(|t| !cached.contains(t))
+        .collect();
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let opts = WarmOptions {
+        batch: 2,
+        ..options(&path)
+    };
+    let summary = warm::warm(&settings, &opts).await.expect("batch warm");
+
+    // Each miss went through a batch exactly once; nothing else was sent.
+    let sent = batched(&vendor);
+    let distinct: HashSet<InputItem> = sent.iter().cloned().collect();
+    assert_eq!(sent.len(), distinct.len(), "no input paid twice: {sent:?}");
+    let expected: HashSet<InputItem> = misses.iter().map(|t| text(t)).collect();
+    assert_eq!(distinct, expected);
+    assert!(synchronous(&vendor).is_empty(), "no synchronous call");
+    let ids = vendor.batch_ids();
+    assert!(ids.len() >= 3, "split within 3 requests a batch: {ids:?}");
+    for id in &ids {
+        let lines = vendor
+            .batch_lines()
+            .iter()
+            .filter(|l| &l.batch_id == id)
+            .count();
+        assert!((1..=3).contains(&lines), "{id}: {lines} lines");
+        assert_eq!(vendor.batch_status(id), Some("completed"));
+    }
+
+    assert!(summary.complete);
+    assert_eq!(summary.lines, texts.len() as u64);
+    assert_eq!(summary.inputs, texts.len() as u64);
+    assert_eq!(summary.embedded, misses.len() as u64);
+    assert_eq!(summary.batch_inputs, misses.len() as u64);
+    assert_eq!(summary.batches, ids.len() as u64);
+    assert_eq!(summary.batch_fallbacks, 0);
+    let paid: u64 = misses.iter().map(|t| tokens(t)).sum();
+    let all: u64 = texts.iter().map(|t| tokens(t)).sum();
+    assert_eq!(summary.tokens_paid, paid);
+    assert_eq!(summary.batch_tokens, paid);
+    assert_eq!(summary.tokens_saved, all - paid);
+    let cp = checkpoint(&opts);
+    assert!(cp.complete && cp.batches.is_empty(), "{cp:?}");
+
+    assert_cached(&scratch, vendor, &texts).await;
+}
+
+#[tokio::test]
+async fn failed_lines_fall_back_to_synchronous_calls() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    vendor.fail_batch_input(text("two"));
+    let settings = settings(&scratch, &vendor, &[]);
+    let texts = ["one", "two", "three"];
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let summary = warm::warm(&settings, &options(&path))
+        .await
+        .expect("batch warm");
+
+    assert_eq!(vendor.batch_ids().len(), 1);
+    assert_eq!(
+        synchronous(&vendor),
+        vec![text("two")],
+        "only the failed line"
+    );
+    assert_eq!(summary.batch_inputs, 2);
+    assert_eq!(summary.batch_fallbacks, 1);
+    assert_eq!(summary.embedded, 3);
+    assert_eq!(summary.batch_tokens, tokens("one") + tokens("three"));
+    assert_eq!(
+        summary.tokens_paid,
+        tokens("one") + tokens("two") + tokens("three")
+    );
+    assert!(summary.to_string().contains("1 fell back"), "{summary}");
+    assert_cached(&scratch, vendor, &texts).await;
+}
+
+#[rstest]
+#[case::expired(BatchFate::Expire)]
+#[case::failed(BatchFate::Fail)]
+#[case::cancelled(BatchFate::Cancel)]
+#[tokio::test]
+async fn an_unfinished_batch_falls_back(#[case] fate: BatchFate) {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    vendor.push_batch_fate(fate);
+    let settings = settings(&scratch, &vendor, &[]);
+    let texts = ["one", "two", "three"];
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let summary = warm::warm(&settings, &options(&path))
+        .await
+        .expect("batch warm");
+
+    let ids = vendor.batch_ids();
+    assert_eq!(ids.len(), 1);
+    let status = vendor.batch_status(&ids[0]);
+    let wanted = match fate {
+        BatchFate::Expire => "expired",
+        BatchFate::Fail => "failed",
+        _ => "cancelled",
+    };
+    assert_eq!(status, Some(wanted));
+    let mut sync = synchronous(&vendor);
+    sync.sort_by_key(|i| format!("{i:?}"));
+    let mut expected: Vec<InputItem> = texts.iter().map(|t| text(t)).collect();
+    expected.sort_by_key(|i| format!("{i:?}"));
+    assert_eq!(sync, expected, "every line fell back, once");
+    assert_eq!(summary.batch_inputs, 0);
+    assert_eq!(summary.batch_fallbacks, 3);
+    assert_eq!(summary.batch_tokens, 0);
+    assert_eq!(summary.usd_batch_saved, 0.0);
+    assert!(summary.complete);
+    assert_cached(&scratch, vendor, &texts).await;
+}
+
+#[rstest]
+#[case::redis(Backend::Redis)]
+#[case::embedded(Backend::Embedded)]
+#[tokio::test]
+async fn a_rerun_collects_the_submitted_batch_without_paying_again(#[case] backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let vendor = FakeVendor::start().await;
+    vendor.hold_batches(true);
+    let settings = settings(&scratch, &vendor, &[]);
+    let texts = ["one", "two", "three", "two"];
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let opts = options(&path);
+
+    // Interrupted once the batch exists.
+    let submitted = async {
+        while vendor.batch_ids().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let err = warm::warm_until(&settings, &opts, submitted)
+        .await
+        .expect_err("interrupted");
+    let WarmError::Stopped { cause, summary } = &err else {
+        panic!("expected a stop, got {err}");
+    };
+    assert!(matches!(cause, Stop::Interrupted), "{cause}");
+    assert_eq!(summary.checkpoint_lines, 0);
+    let ids = vendor.batch_ids();
+    assert_eq!(ids.len(), 1);
+    let cp = checkpoint(&opts);
+    assert_eq!(cp.lines, 0);
+    assert_eq!(cp.batches.len(), 1);
+    assert_eq!(cp.batches[0].id, ids[0]);
+    assert_eq!(cp.batches[0].requests, 3);
+    assert_eq!((cp.batches[0].first_line, cp.batches[0].last_line), (1, 4));
+
+    // Its state can be followed meanwhile.
+    let status = follow(&settings, &opts).await;
+    assert!(status.contains(&ids[0]), "{status}");
+    assert!(status.contains("lines 1-4"), "{status}");
+    assert!(
+        status.contains("validating") || status.contains("in_progress"),
+        "{status}"
+    );
+
+    // A plain run may not skip it.
+    let plain = WarmOptions {
+        batch_api: false,
+        ..opts.clone()
+    };
+    let refused = warm::warm(&settings, &plain).await.expect_err("refused");
+    assert!(refused.to_string().contains("--batch-api"), "{refused}");
+
+    vendor.hold_batches(false);
+    let summary: WarmSummary = warm::warm(&settings, &opts)
+        .await
+        .expect("the rerun completes");
+    assert_eq!(vendor.batch_ids(), ids, "nothing submitted again");
+    assert!(
+        synchronous(&vendor).is_empty(),
+        "nothing paid synchronously"
+    );
+    assert!(summary.complete);
+    assert_eq!(summary.batches, 1);
+    assert_eq!(summary.batch_inputs, 3);
+    assert_eq!(summary.embedded, 3);
+    assert_eq!(summary.tokens_saved, tokens("two"), "the repeat");
+    let cp = checkpoint(&opts);
+    assert!(cp.complete && cp.batches.is_empty(), "{cp:?}");
+    let status = follow(&settings, &opts).await;
+    assert!(status.contains("0 batches in flight"), "{status}");
+    assert_cached(&scratch, vendor, &texts).await;
+}
+
+#[tokio::test]
+async fn batch_spend_is_priced_as_such_in_the_summary_and_the_ledger() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    let settings = settings(
+        &scratch,
+        &vendor,
+        &[("EMBGATE__PRICES__BATCH_DISCOUNT", "0.4")],
+    );
+    let price = settings.prices[SMALL];
+    let first = write(&scratch, "first.jsonl", &["cached"]);
+    let sync = WarmOptions {
+        batch_api: false,
+        ..options(&first)
+    };
+    let before = warm::warm(&settings, &sync).await.expect("sync warm");
+
+    let texts = ["cached", "fresh", "new", "cached"];
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let summary = warm::warm(&settings, &options(&path))
+        .await
+        .expect("batch warm");
+
+    let paid = tokens("fresh") + tokens("new");
+    let saved = 2 * tokens("cached");
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    assert_eq!(summary.tokens_paid, paid);
+    assert_eq!(summary.tokens_saved, saved);
+    assert!(
+        close(summary.usd_paid, paid as f64 * price * 0.4 / 1e6),
+        "{summary:?}"
+    );
+    assert!(
+        close(summary.usd_saved, saved as f64 * price / 1e6),
+        "{summary:?}"
+    );
+    assert!(
+        close(summary.usd_batch_saved, paid as f64 * price * 0.6 / 1e6),
+        "{summary:?}"
+    );
+    let printed = summary.to_string();
+    assert!(
+        printed.contains("saved over synchronous calls"),
+        "{printed}"
+    );
+
+    let ledger = spent_usd_in_ledger(&settings).await;
+    assert!(
+        close(ledger, before.usd_paid + summary.usd_paid),
+        "ledger {ledger}"
+    );
+}
