@@ -977,6 +977,43 @@ deployments = { "any-model" = "any-deployment" }
     }
 
     #[test]
+    fn batch_prices_default_to_the_discount() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("EMBGATE__PRICES__BATCH_DISCOUNT", "0.4"),
+                ("EMBGATE__BATCH_PRICES__TEXT-EMBEDDING-3-LARGE", "0.05"),
+                ("EMBGATE__BATCH_API__MAX_IN_FLIGHT", "2"),
+            ]),
+        )
+        .expect("loads");
+        assert!(!s.prices.contains_key("batch_discount"), "not a model");
+        assert!((s.batch_price("text-embedding-3-small") - 0.008).abs() < 1e-12);
+        assert_eq!(s.batch_price("text-embedding-3-large"), 0.05);
+        assert_eq!(s.batch_price("unpriced"), 0.0);
+        assert_eq!(s.batch_api.max_in_flight, 2);
+        assert_eq!(
+            Settings::load_from(None, None)
+                .expect("defaults")
+                .prices
+                .batch_discount,
+            0.5
+        );
+        for (key, value) in [
+            ("EMBGATE__PRICES__BATCH_DISCOUNT", "1.5"),
+            ("EMBGATE__BATCH_PRICES__X", "-1"),
+            ("EMBGATE__BATCH_API__MAX_REQUESTS_PER_BATCH", "0"),
+            ("EMBGATE__BATCH_API__POLL_MAX_MS", "1"),
+        ] {
+            let loaded = Settings::load_from(None, env(&[(key, value)]));
+            assert!(
+                matches!(loaded, Err(ConfigError::Invalid { .. })),
+                "{key}={value}"
+            );
+        }
+    }
+
+    #[test]
     fn environment_overrides_nested_keys() {
         let s = Settings::load_from(
             None,

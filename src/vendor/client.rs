@@ -439,6 +439,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn batch_api_paths_follow_the_flavour() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let settings = crate::config::Settings::load_from(None, None).expect("defaults");
+        let azure = NamedUpstream {
+            base_url: "https://res.openai.azure.com/".into(),
+            api_key: "k".into(),
+            flavour: Flavour::Azure,
+            models: "m*".into(),
+            api_version: "2024-10-21".into(),
+            deployments: HashMap::from([("m1".to_owned(), "batch-dep".to_owned())]),
+        };
+        let http = reqwest::Client::new();
+        let u = Upstream::new(
+            "az",
+            http.clone(),
+            &azure.base_url,
+            &azure.api_key,
+            Some(&azure),
+            &settings.upstream,
+            &metrics,
+        );
+        assert_eq!(
+            u.batch_api_url("batches/b1"),
+            "https://res.openai.azure.com/openai/batches/b1?api-version=2024-10-21"
+        );
+        assert_eq!(u.batch_model("m1"), "batch-dep");
+        let o = Upstream::new(
+            "default",
+            http,
+            "https://api.openai.com/v1",
+            "",
+            None,
+            &settings.upstream,
+            &metrics,
+        );
+        assert_eq!(
+            o.batch_api_url("files/f1/content"),
+            "https://api.openai.com/v1/files/f1/content"
+        );
+        assert_eq!(o.batch_model("m1"), "m1");
+    }
+
+    #[test]
     fn reads_retry_after() {
         let mut headers = HeaderMap::new();
         headers.insert("retry-after", HeaderValue::from_static("2"));
