@@ -401,3 +401,53 @@ async fn batch_spend_is_priced_as_such_in_the_summary_and_the_ledger() {
         "ledger {ledger}"
     );
 }
+
+#[tokio::test]
+async fn an_azure_upstream_batches_through_its_own_paths() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    let base = format!("http://{}", vendor.addr());
+    let azure = [
+        ("EMBGATE__UPSTREAMS__AZ__BASE_URL", base.as_str()),
+        ("EMBGATE__UPSTREAMS__AZ__FLAVOUR", "azure"),
+        ("EMBGATE__UPSTREAMS__AZ__API_KEY", "az-key"),
+        ("EMBGATE__UPSTREAMS__AZ__API_VERSION", "2024-10-21"),
+        ("EMBGATE__UPSTREAMS__AZ__MODELS", SMALL),
+    ];
+    let settings = settings(&scratch, &vendor, &azure);
+    let texts = ["one", "two", "three"];
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let summary = warm::warm(&settings, &options(&path))
+        .await
+        .expect("batch warm");
+    assert_eq!(summary.batch_inputs, 3);
+    assert_eq!(summary.batch_fallbacks, 0);
+
+    let seen = vendor.requests_seen();
+    assert!(
+        seen.contains(&"POST /openai/files?api-version=2024-10-21".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"POST /openai/batches?api-version=2024-10-21".to_owned()),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|r| r.contains("/v1/")), "{seen:?}");
+    assert_eq!(batched(&vendor).len(), 3);
+
+    // A gateway with the same upstream finds them (the fake serves no Azure
+    // embeddings route: a miss would fail).
+    let mut env: Vec<(&str, &str)> = vec![
+        ("EMBGATE__AUTH__MODE", "open"),
+        ("EMBGATE__UPSTREAM__API_KEY", "sk-test"),
+    ];
+    env.extend(azure);
+    let gw = TestGateway::start_in(Arc::clone(&scratch.home), vendor, &env).await;
+    for t in texts {
+        let (cache, body) = gw
+            .embed(&serde_json::json!({"model": SMALL, "input": t}))
+            .await;
+        assert_eq!(cache, "hit", "{t}");
+        assert_eq!(vectors(&body)[0], vendor_vector(SMALL, None, &text(t)));
+    }
+}

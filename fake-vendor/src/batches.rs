@@ -646,6 +646,46 @@ fn record_line(batch_id: &str, custom_id: &str, body: &Value) -> BatchLine {
     }
 }
 
+/// Azure OpenAI's: an `api-key` header, and an `api-version` on every call.
+pub(crate) async fn require_azure_key(
+    State(shared): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let versioned = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p.starts_with("api-version=") && p.len() > 12)
+    });
+    if !versioned {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "Resource not found: the api-version query parameter is required.",
+        )
+        .into_response();
+    }
+    let key = req
+        .headers()
+        .get("api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or_default();
+    let accepted = !key.is_empty()
+        && shared
+            .valid_keys()
+            .is_none_or(|keys| keys.iter().any(|k| k == key));
+    match accepted {
+        true => next.run(req).await,
+        false => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "Access denied due to invalid subscription key or wrong API endpoint.",
+        )
+        .code("401")
+        .into_response(),
+    }
+}
+
 /// The Files and Batch APIs take the same key as every other route.
 pub(crate) async fn require_key(
     State(shared): State<Arc<Shared>>,

@@ -50,22 +50,36 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// The Files and Batch APIs, behind the key check.
+/// The Files and Batch APIs, behind the key check: OpenAI's under `/v1`,
+/// Azure OpenAI's under `/openai` (its `api-key` header and `api-version`).
 fn batch_routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
-    let upload = post(batches::upload).layer(axum::extract::DefaultBodyLimit::max(
-        batches::MAX_FILE_BYTES + 64 * 1024,
+    let routes = |prefix: &str| {
+        let upload = post(batches::upload).layer(axum::extract::DefaultBodyLimit::max(
+            batches::MAX_FILE_BYTES + 64 * 1024,
+        ));
+        Router::new()
+            .route(&format!("{prefix}/files"), upload)
+            .route(&format!("{prefix}/files/{{id}}"), get(batches::file))
+            .route(
+                &format!("{prefix}/files/{{id}}/content"),
+                get(batches::content),
+            )
+            .route(&format!("{prefix}/batches"), post(batches::create))
+            .route(&format!("{prefix}/batches/{{id}}"), get(batches::retrieve))
+            .route(
+                &format!("{prefix}/batches/{{id}}/cancel"),
+                post(batches::cancel),
+            )
+    };
+    let openai = routes("/v1").route_layer(axum::middleware::from_fn_with_state(
+        shared.clone(),
+        batches::require_key,
     ));
-    Router::new()
-        .route("/v1/files", upload)
-        .route("/v1/files/{id}", get(batches::file))
-        .route("/v1/files/{id}/content", get(batches::content))
-        .route("/v1/batches", post(batches::create))
-        .route("/v1/batches/{id}", get(batches::retrieve))
-        .route("/v1/batches/{id}/cancel", post(batches::cancel))
-        .route_layer(axum::middleware::from_fn_with_state(
-            shared,
-            batches::require_key,
-        ))
+    let azure = routes("/openai").route_layer(axum::middleware::from_fn_with_state(
+        shared,
+        batches::require_azure_key,
+    ));
+    openai.merge(azure)
 }
 
 /// Records every request line before any route sees it.

@@ -249,3 +249,25 @@ async fn bad_input_files_and_requests_are_refused() {
         .expect("sent");
     assert_eq!(response.status().as_u16(), 401, "the key is required");
 }
+
+#[tokio::test]
+async fn azure_paths_take_an_api_key_and_an_api_version() {
+    let vendor = FakeVendor::start().await;
+    let root = format!("http://{}", vendor.addr());
+    let call = |url: String, key: Option<&'static str>| {
+        let mut req = client().get(url);
+        if let Some(key) = key {
+            req = req.header("api-key", key);
+        }
+        async move { req.send().await.expect("sent").status().as_u16() }
+    };
+    let missing = format!("{root}/openai/batches/batch_x?api-version=2024-10-21");
+    assert_eq!(
+        call(missing.clone(), Some("az-key")).await,
+        404,
+        "no such batch"
+    );
+    assert_eq!(call(missing, None).await, 401, "no api-key");
+    let unversioned = format!("{root}/openai/batches/batch_x");
+    assert_eq!(call(unversioned, Some("az-key")).await, 404);
+}
