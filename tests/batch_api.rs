@@ -451,3 +451,71 @@ async fn an_azure_upstream_batches_through_its_own_paths() {
         assert_eq!(vectors(&body)[0], vendor_vector(SMALL, None, &text(t)));
     }
 }
+
+#[tokio::test]
+async fn a_refresh_sends_each_input_once() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    let settings = settings(
+        &scratch,
+        &vendor,
+        &[("EMBGATE__BATCH_API__MAX_REQUESTS_PER_BATCH", "2")],
+    );
+    let texts = ["a", "b", "c", "a"];
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let sync = WarmOptions {
+        batch_api: false,
+        ..options(&path)
+    };
+    warm::warm(&settings, &sync).await.expect("sync warm");
+    vendor.reset_records();
+
+    let opts = WarmOptions {
+        batch: 1,
+        refresh: true,
+        restart: true,
+        ..options(&path)
+    };
+    let summary = warm::warm(&settings, &opts).await.expect("refresh");
+    let mut sent = batched(&vendor);
+    sent.sort_by_key(|i| format!("{i:?}"));
+    assert_eq!(sent, vec![text("a"), text("b"), text("c")]);
+    assert_eq!(vendor.batch_ids().len(), 2, "two windows");
+    assert!(
+        synchronous(&vendor).is_empty(),
+        "the repeat is not fetched again"
+    );
+    assert_eq!(summary.batch_inputs, 3);
+    assert_eq!(summary.embedded, 3);
+}
+
+#[tokio::test]
+async fn a_batch_the_vendor_does_not_know_falls_back() {
+    let scratch = Scratch::new(Backend::Redis);
+    let first = FakeVendor::start().await;
+    first.hold_batches(true);
+    let texts = ["one", "two"];
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let opts = options(&path);
+    let submitted = async {
+        while first.batch_ids().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let settings_first = settings(&scratch, &first, &[]);
+    warm::warm_until(&settings_first, &opts, submitted)
+        .await
+        .expect_err("interrupted");
+    assert_eq!(checkpoint(&opts).batches.len(), 1);
+
+    // Another vendor account (here, another vendor) has never heard of it.
+    let other = FakeVendor::start().await;
+    let settings = settings(&scratch, &other, &[]);
+    let summary = warm::warm(&settings, &opts).await.expect("completes");
+    assert!(other.batch_ids().is_empty(), "nothing submitted again");
+    let mut sync = synchronous(&other);
+    sync.sort_by_key(|i| format!("{i:?}"));
+    assert_eq!(sync, vec![text("one"), text("two")]);
+    assert_eq!(summary.batch_fallbacks, 2);
+    assert!(checkpoint(&opts).batches.is_empty());
+}

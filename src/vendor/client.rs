@@ -43,7 +43,8 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    fn is_retryable(&self) -> bool {
+    /// Worth trying again later: 429, 5xx, transport failures and timeouts.
+    pub fn is_retryable(&self) -> bool {
         match self {
             UpstreamError::Vendor { status, .. } => {
                 *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()

@@ -71,11 +71,30 @@ impl Collector {
                 error: EmbedError::Upstream(error),
             };
             let upstream = &part.ctx.upstream;
-            let state = self.follow(upstream, &batch.id).await.map_err(vendor)?;
-            let (results, files) = self.results(upstream, &state, part).await;
-            let results = results.map_err(vendor)?;
-            self.keep(part, &batch, &state, results, files, &mut collected)
-                .await;
+            let outcome = async {
+                let state = self.follow(upstream, &batch.id).await?;
+                let (results, files) = self.results(upstream, &state, part).await?;
+                Ok::<_, UpstreamError>((state, results, files))
+            };
+            match outcome.await {
+                Ok((state, results, files)) => {
+                    self.keep(part, &batch, &state, results, files, &mut collected)
+                        .await;
+                }
+                // The vendor may answer later: a rerun follows the batch again.
+                Err(e) if e.is_retryable() => return Err(vendor(e)),
+                // It never will (an unknown batch, an unreadable answer):
+                // following it again would stop every rerun here.
+                Err(e) => {
+                    collected.failed += batch.requests;
+                    self.bar.suspend(|| {
+                        eprintln!(
+                            "batch {}: {e}; its {} inputs fall back to synchronous calls",
+                            batch.id, batch.requests
+                        );
+                    });
+                }
+            }
         }
         Ok(collected)
     }
@@ -102,7 +121,7 @@ impl Collector {
         upstream: &Upstream,
         state: &BatchState,
         part: &Part,
-    ) -> (Result<Vec<LineResult>, UpstreamError>, usize) {
+    ) -> Result<(Vec<LineResult>, usize), UpstreamError> {
         let requests = state.counts().total.max(part.index.len() as u64);
         let dims = part.dimensions.unwrap_or(self.max_dimensions);
         let files = [
@@ -113,13 +132,11 @@ impl Collector {
         let mut read = 0;
         for (id, limit) in files {
             let Some(id) = id else { continue };
-            match upstream.file_content(self.key.as_ref(), id, limit).await {
-                Ok(body) => results.extend(read_results(&body, part.dimensions)),
-                Err(e) => return (Err(e), read),
-            }
+            let body = upstream.file_content(self.key.as_ref(), id, limit).await?;
+            results.extend(read_results(&body, part.dimensions));
             read += 1;
         }
-        (Ok(results), read)
+        Ok((results, read))
     }
 
     /// Stores the answers to this part's keys, pays for them, and reports.

@@ -40,6 +40,10 @@ pub use status::status;
 use collect::{Collected, Collector};
 use window::{Bounds, Window};
 
+/// Windows in flight per batch in flight: windows of hits alone (no batch)
+/// still hold their deferred inputs until the windows before them finish.
+const WINDOWS_PER_BATCH: usize = 2;
+
 /// What the Batch API did in a run, for the summary.
 #[derive(Debug, Default)]
 pub(super) struct Totals {
@@ -81,9 +85,11 @@ pub(super) async fn drive(job: &mut Job<'_>, interrupt: impl Future<Output = ()>
     let mut seq = 0;
     loop {
         let batches_flying = |f: &VecDeque<InFlight>| f.iter().map(|w| w.batches).sum::<usize>();
+        let max_in_flight = job.settings.batch_api.max_in_flight;
         while stop.is_none()
             && !exhausted
-            && batches_flying(&flying) < job.settings.batch_api.max_in_flight
+            && batches_flying(&flying) < max_in_flight
+            && flying.len() < max_in_flight * WINDOWS_PER_BATCH
         {
             if interrupt.as_mut().now_or_never().is_some() {
                 stop = Some(Stop::Interrupted);
@@ -248,6 +254,7 @@ async fn finish(job: &mut Job<'_>, window: Window, collected: Collected) -> Resu
         });
         let mut stored = Vec::new();
         let mut fallback: Vec<Input> = Vec::new();
+        let mut deferred: Vec<Input> = Vec::new();
         for miss in part.misses {
             match collected.answered.get(&miss.hash) {
                 Some(tokens) => {
@@ -266,7 +273,7 @@ async fn finish(job: &mut Job<'_>, window: Window, collected: Collected) -> Resu
             }
         }
         for (input, occurrences) in part.deferred {
-            fallback.extend(repeat(input, occurrences));
+            deferred.extend(repeat(input, occurrences));
         }
         job.run
             .verify_stored(&stored, first_line, last_line)
@@ -275,21 +282,25 @@ async fn finish(job: &mut Job<'_>, window: Window, collected: Collected) -> Resu
             model: part.model,
             dimensions: part.dimensions,
         };
-        let per_request = job.options.batch;
-        let mut fallback = fallback.into_iter().peekable();
-        while fallback.peek().is_some() {
-            let inputs: Vec<Input> = fallback.by_ref().take(per_request).collect();
-            let batch = Batch {
-                seq,
-                first_line,
-                last_line,
-                end,
-                group: Some(group.clone()),
-                inputs,
-            };
-            let done = job.run.clone().embed(batch).await?;
-            for s in &done.spends {
-                spend.add(s);
+        // Deferred inputs were fetched by an earlier window of this run:
+        // even under `--refresh` what the store holds for them is fresh.
+        let mut reading = job.run.clone();
+        reading.policy.read = true;
+        for (run, inputs) in [(job.run.clone(), fallback), (reading, deferred)] {
+            let mut inputs = inputs.into_iter().peekable();
+            while inputs.peek().is_some() {
+                let batch = Batch {
+                    seq,
+                    first_line,
+                    last_line,
+                    end,
+                    group: Some(group.clone()),
+                    inputs: inputs.by_ref().take(job.options.batch).collect(),
+                };
+                let done = run.clone().embed(batch).await?;
+                for s in &done.spends {
+                    spend.add(s);
+                }
             }
         }
     }

@@ -108,6 +108,9 @@ pub(super) async fn read(
                 return Err(stop);
             }
         };
+        if window.lines == 0 {
+            window.first_line = chunk.first_line;
+        }
         window.last_line = chunk.last_line;
         window.end = chunk.end;
         window.lines += chunk.lines();
