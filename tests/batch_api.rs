@@ -45,6 +45,22 @@ fn checkpoint(opts: &WarmOptions) -> Checkpoint {
         .expect("a checkpoint exists")
 }
 
+/// A run interrupted as soon as the vendor has a batch of it.
+async fn interrupted_once_submitted(
+    settings: &Settings,
+    opts: &WarmOptions,
+    vendor: &FakeVendor,
+) -> WarmError {
+    let submitted = async {
+        while vendor.batch_ids().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    warm::warm_until(settings, opts, submitted)
+        .await
+        .expect_err("interrupted")
+}
+
 /// What `--batch-api --status` prints.
 async fn follow(settings: &Settings, opts: &WarmOptions) -> String {
     let opts = WarmOptions {
@@ -288,15 +304,7 @@ async fn a_rerun_collects_the_submitted_batch_without_paying_again(#[case] backe
     let path = write(&scratch, "docs.jsonl", &texts);
     let opts = options(&path);
 
-    // Interrupted once the batch exists.
-    let submitted = async {
-        while vendor.batch_ids().is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    let err = warm::warm_until(&settings, &opts, submitted)
-        .await
-        .expect_err("interrupted");
+    let err = interrupted_once_submitted(&settings, &opts, &vendor).await;
     let WarmError::Stopped { cause, summary } = &err else {
         panic!("expected a stop, got {err}");
     };
@@ -497,15 +505,7 @@ async fn a_batch_the_vendor_does_not_know_falls_back() {
     let texts = ["one", "two"];
     let path = write(&scratch, "docs.jsonl", &texts);
     let opts = options(&path);
-    let submitted = async {
-        while first.batch_ids().is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    let settings_first = settings(&scratch, &first, &[]);
-    warm::warm_until(&settings_first, &opts, submitted)
-        .await
-        .expect_err("interrupted");
+    interrupted_once_submitted(&settings(&scratch, &first, &[]), &opts, &first).await;
     assert_eq!(checkpoint(&opts).batches.len(), 1);
 
     // Another vendor account (here, another vendor) has never heard of it.
