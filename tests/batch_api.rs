@@ -519,3 +519,56 @@ async fn a_batch_the_vendor_does_not_know_falls_back() {
     assert_eq!(summary.batch_fallbacks, 2);
     assert!(checkpoint(&opts).batches.is_empty());
 }
+
+#[tokio::test]
+async fn batch_spend_has_a_metric_of_its_own_and_counts_in_the_spend() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    let settings = settings(
+        &scratch,
+        &vendor,
+        &[("EMBGATE__BATCH_PRICES__TEXT-EMBEDDING-3-SMALL", "0.015")],
+    );
+    let metrics = Arc::new(embgate::metrics::Metrics::new().expect("metrics"));
+    let store = open_store(&settings).await;
+    let engine =
+        embgate::Engine::with_store(&settings, store, Arc::clone(&metrics)).expect("engine");
+    engine.accounting.paid("t", SMALL, 1_000_000, 4);
+    engine.accounting.paid_batch("t", SMALL, 2_000_000, 8);
+    let text = String::from_utf8(metrics.render().expect("render")).expect("utf-8");
+    let value = |sample: &str| metric_value(&text, sample);
+    let label = format!("{{model=\"{SMALL}\"}}");
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    assert!(close(
+        value(&format!("embgate_upstream_batch_spent_usd_total{label}")),
+        0.03
+    ));
+    assert!(close(
+        value(&format!("embgate_upstream_spent_usd_total{label}")),
+        0.05
+    ));
+    assert_eq!(value(&format!("embgate_upstream_tokens_total{label}")), 3e6);
+    assert_eq!(
+        value(&format!("embgate_upstream_inputs_total{label}")),
+        12.0
+    );
+}
+
+#[tokio::test]
+async fn input_files_stay_within_the_byte_limit() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    let settings = settings(
+        &scratch,
+        &vendor,
+        &[("EMBGATE__BATCH_API__MAX_FILE_BYTES", "1")],
+    );
+    let texts = ["one", "two", "three"];
+    let path = write(&scratch, "docs.jsonl", &texts);
+    let summary = warm::warm(&settings, &options(&path))
+        .await
+        .expect("batch warm");
+    assert_eq!(vendor.batch_ids().len(), 3, "a line a file, past the limit");
+    assert_eq!(summary.batches, 3);
+    assert_eq!(summary.batch_inputs, 3);
+}
