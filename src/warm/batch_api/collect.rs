@@ -43,13 +43,10 @@ pub(super) struct Collector {
     pub(super) bar: ProgressBar,
 }
 
-/// What a window's batches answered.
+/// What a window's batches answered: the tokens billed, by answered key.
 #[derive(Default)]
 pub(super) struct Collected {
-    /// Tokens billed, by answered key.
     pub(super) answered: KeyHashMap<u32>,
-    /// Batch lines the vendor did not answer (or answered wrongly).
-    pub(super) failed: u64,
 }
 
 impl Collector {
@@ -73,7 +70,7 @@ impl Collector {
             let upstream = &part.ctx.upstream;
             let outcome = async {
                 let state = self.follow(upstream, &batch.id).await?;
-                let (results, files) = self.results(upstream, &state, part).await?;
+                let (results, files) = self.results(upstream, &state, &batch, part).await?;
                 Ok::<_, UpstreamError>((state, results, files))
             };
             match outcome.await {
@@ -86,7 +83,6 @@ impl Collector {
                 // It never will (an unknown batch, an unreadable answer):
                 // following it again would stop every rerun here.
                 Err(e) => {
-                    collected.failed += batch.requests;
                     self.bar.suspend(|| {
                         eprintln!(
                             "batch {}: {e}; its {} inputs fall back to synchronous calls",
@@ -115,14 +111,16 @@ impl Collector {
     }
 
     /// The lines of its output and error files (none when it failed as a
-    /// whole), and how many files there were.
+    /// whole), and how many files there were. Each file is read only up to
+    /// what the requests submitted can need, whatever the vendor counts.
     async fn results(
         &self,
         upstream: &Upstream,
         state: &BatchState,
+        batch: &Submitted,
         part: &Part,
     ) -> Result<(Vec<LineResult>, usize), UpstreamError> {
-        let requests = state.counts().total.max(part.index.len() as u64);
+        let requests = batch.requests;
         let dims = part.dimensions.unwrap_or(self.max_dimensions);
         let files = [
             (&state.output_file_id, output_limit(requests, dims)),
@@ -198,7 +196,6 @@ impl Collector {
             self.cache.settled().await;
         }
         let unanswered = batch.requests.saturating_sub(answered as u64);
-        collected.failed += unanswered;
         self.bar.suspend(|| {
             let mut line = format!(
                 "batch {}: {}: {answered} of {} inputs answered",
