@@ -84,6 +84,7 @@ pub struct Metrics {
     pub ledger_saved_usd: GaugeVec,
     pub ledger_spent_tokens: GaugeVec,
     pub ledger_spent_usd: GaugeVec,
+    pub ledger_batch_spent_usd: GaugeVec,
     pub store_entries: IntGauge,
     pub store_memory_bytes: IntGauge,
     pub l1_hits: prometheus::IntCounter,
@@ -293,6 +294,10 @@ impl Metrics {
             ledger_spent_usd: gauge(
                 "embgate_ledger_spent_usd",
                 "All-time US dollars paid to the vendor (ledger kept in the store), by model and tenant.",
+            )?,
+            ledger_batch_spent_usd: gauge(
+                "embgate_ledger_batch_spent_usd",
+                "All-time US dollars spent through the vendor's Batch API (part of embgate_ledger_spent_usd), by model and tenant.",
             )?,
             store_entries: int_gauge(
                 "embgate_store_entries",

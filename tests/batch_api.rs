@@ -136,12 +136,13 @@ async fn assert_cached(scratch: &Scratch, vendor: FakeVendor, texts: &[&str]) ->
     vendor
 }
 
-async fn spent_usd_in_ledger(settings: &Settings) -> f64 {
+/// The ledger's all-time total of `kind`.
+async fn in_ledger(settings: &Settings, kind: Kind) -> f64 {
     let store = open_store(settings).await;
     let ledger = read_ledger(store.as_ref(), None).await.expect("ledger");
     ledger
         .iter()
-        .filter(|(account, _)| account.kind == Kind::SpentUsd)
+        .filter(|(account, _)| account.kind == kind)
         .map(|(_, usd)| usd)
         .sum()
 }
@@ -403,10 +404,15 @@ async fn batch_spend_is_priced_as_such_in_the_summary_and_the_ledger() {
         "{printed}"
     );
 
-    let ledger = spent_usd_in_ledger(&settings).await;
+    let spent = in_ledger(&settings, Kind::SpentUsd).await;
     assert!(
-        close(ledger, before.usd_paid + summary.usd_paid),
-        "ledger {ledger}"
+        close(spent, before.usd_paid + summary.usd_paid),
+        "ledger {spent}"
+    );
+    let batch = in_ledger(&settings, Kind::BatchSpentUsd).await;
+    assert!(
+        close(batch, summary.usd_paid),
+        "only this run's spend is batch: {batch}"
     );
 }
 

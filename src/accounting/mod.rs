@@ -88,14 +88,17 @@ impl Accounting {
     }
 
     /// As [`Accounting::paid`], through the Batch API at its price: counted
-    /// in the spend like any other, and in `embgate_upstream_batch_spent_usd_total`.
+    /// in the spend like any other, and apart in
+    /// `embgate_upstream_batch_spent_usd_total` and the ledger's `batch_spent_usd`.
     pub fn paid_batch(&self, tenant: &str, model: &str, tokens: u64, inputs: usize) {
         let price = self.batch_price(model);
         let label = self.spent(tenant, model, tokens, inputs, price);
+        let usd = tokens as f64 * price / 1e6;
         self.metrics
             .upstream_batch_spent_usd
             .with_label_values(&[label.as_ref()])
-            .inc_by(tokens as f64 * price / 1e6);
+            .inc_by(usd);
+        self.ledger.record_batch(tenant, &label, usd);
     }
 
     fn spent(&self, tenant: &str, model: &str, tokens: u64, inputs: usize, price: f64) -> Arc<str> {
