@@ -22,13 +22,21 @@ use crate::vendor::{Upstream, UpstreamError};
 use crate::warm::Stop;
 use crate::warm::checkpoint::Submitted;
 
-use super::window::Part;
+use crate::pipeline::CallContext;
 
 /// Entries handed to the store at once: a batch's answers can exceed what
 /// the store takes in one go (`store.max_pending_write_bytes`).
 const STORE_PIECE: usize = 512;
 /// Failure reasons shown per batch; further ones are counted.
 const SHOWN_FAILURES: usize = 3;
+
+/// Whose answers a part's batches hold, and which keys they may answer.
+pub(super) struct Target {
+    pub(super) ctx: CallContext,
+    pub(super) model: String,
+    pub(super) dimensions: Option<u32>,
+    pub(super) index: KeyHashMap<usize>,
+}
 
 /// What collecting needs besides the batches.
 #[derive(Clone)]
@@ -53,7 +61,7 @@ impl Collector {
     /// Follows every batch to its end and stores what it answered.
     pub(super) async fn collect(
         self,
-        parts: Arc<Vec<Part>>,
+        parts: Arc<Vec<Target>>,
         batches: Vec<(usize, Submitted)>,
     ) -> Result<Collected, Stop> {
         let mut collected = Collected::default();
@@ -118,7 +126,7 @@ impl Collector {
         upstream: &Upstream,
         state: &BatchState,
         batch: &Submitted,
-        part: &Part,
+        part: &Target,
     ) -> Result<(Vec<LineResult>, usize), UpstreamError> {
         let requests = batch.requests;
         let dims = part.dimensions.unwrap_or(self.max_dimensions);
@@ -140,7 +148,7 @@ impl Collector {
     /// Stores the answers to this part's keys, pays for them, and reports.
     async fn keep(
         &self,
-        part: &Part,
+        part: &Target,
         batch: &Submitted,
         state: &BatchState,
         results: Vec<LineResult>,

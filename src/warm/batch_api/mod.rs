@@ -101,7 +101,7 @@ pub(super) async fn drive(job: &mut Job<'_>, interrupt: impl Future<Output = ()>
                 max_bytes: job.settings.batch_api.max_file_bytes,
                 until: resumed.as_ref().map(|r| r.0),
             };
-            let window = match window::read(job, seq, bounds, &pending).await {
+            let mut window = match window::read(job, seq, bounds, &pending).await {
                 Ok(Some(window)) => window,
                 Ok(None) => {
                     exhausted = true;
@@ -124,9 +124,9 @@ pub(super) async fn drive(job: &mut Job<'_>, interrupt: impl Future<Output = ()>
                 },
             };
             pending.extend(window.keys());
-            let parts = Arc::new(window_parts(&window));
+            let targets = Arc::new(window.parts.iter_mut().map(|p| p.target()).collect());
             let count = batches.len();
-            let task = tokio::spawn(collector.clone().collect(parts, batches));
+            let task = tokio::spawn(collector.clone().collect(targets, batches));
             flying.push_back(InFlight {
                 window,
                 batches: count,
@@ -172,23 +172,6 @@ pub(super) async fn drive(job: &mut Job<'_>, interrupt: impl Future<Output = ()>
         flight.task.abort();
     }
     stop
-}
-
-/// The parts a window's collection works on (shared with the task; the
-/// window keeps its own for the fallback).
-fn window_parts(window: &Window) -> Vec<window::Part> {
-    window
-        .parts
-        .iter()
-        .map(|p| window::Part {
-            ctx: p.ctx.clone(),
-            model: p.model.clone(),
-            dimensions: p.dimensions,
-            misses: Vec::new(),
-            index: p.index.clone(),
-            deferred: Vec::new(),
-        })
-        .collect()
 }
 
 /// The windows the checkpoint records past `start`, in file order: where

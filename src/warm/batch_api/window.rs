@@ -13,6 +13,8 @@ use crate::warm::Stop;
 use crate::warm::input::Batch;
 use crate::warm::run::{Run, Spend};
 
+use super::collect::Target;
+
 /// A window holds at most this many lines' inputs per miss it may hold,
 /// so that a run of hits still moves the checkpoint on.
 const INPUTS_PER_MISS: u64 = 10;
@@ -37,6 +39,19 @@ pub(super) struct Part {
     /// Inputs an earlier window in flight is fetching: looked up again
     /// once it is done.
     pub(super) deferred: Vec<(Input, u64)>,
+}
+
+impl Part {
+    /// What following this part's batches needs. The index goes along: once
+    /// the window is read, nothing else looks keys up in it.
+    pub(super) fn target(&mut self) -> Target {
+        Target {
+            ctx: self.ctx.clone(),
+            model: self.model.clone(),
+            dimensions: self.dimensions,
+            index: std::mem::take(&mut self.index),
+        }
+    }
 }
 
 pub(super) struct Window {
