@@ -113,6 +113,11 @@ impl Collector {
             if state.is_terminal() {
                 return Ok(state);
             }
+            let counts = state.counts();
+            self.bar.set_message(format!(
+                "batch {id}: {}, {} of {} done",
+                state.status, counts.completed, counts.total
+            ));
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(max);
         }
