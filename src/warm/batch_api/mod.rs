@@ -302,3 +302,36 @@ async fn finish(job: &mut Job<'_>, window: Window, collected: Collected) -> Resu
 fn repeat(input: Input, times: u64) -> impl Iterator<Item = Input> {
     std::iter::repeat_n(input, usize::try_from(times).unwrap_or(usize::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submitted(id: &str, window_end: u64) -> Submitted {
+        Submitted {
+            id: id.into(),
+            window_end,
+            first_line: 1,
+            last_line: 2,
+            model: "m".into(),
+            dimensions: None,
+            requests: 1,
+        }
+    }
+
+    #[test]
+    fn recorded_windows_come_in_file_order_past_the_start() {
+        let recorded = [
+            submitted("c", 300),
+            submitted("a", 100),
+            submitted("b", 300),
+            submitted("old", 50),
+        ];
+        let windows = recorded_windows(&recorded, 50);
+        let ids: Vec<(u64, Vec<&str>)> = windows
+            .iter()
+            .map(|(end, batches)| (*end, batches.iter().map(|b| b.id.as_str()).collect()))
+            .collect();
+        assert_eq!(ids, [(100, vec!["a"]), (300, vec!["c", "b"])]);
+    }
+}
