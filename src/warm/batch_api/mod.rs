@@ -24,7 +24,7 @@ use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 
-use futures_util::FutureExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use tokio::task::JoinHandle;
 
 use crate::cache::key::KeyHash;
@@ -269,7 +269,8 @@ async fn finish(job: &mut Job<'_>, window: Window, collected: Collected) -> Resu
         // even under `--refresh` what the store holds for them is fresh.
         let mut reading = job.run.clone();
         reading.policy.read = true;
-        for (run, inputs) in [(job.run.clone(), fallback), (reading, deferred)] {
+        let mut requests = Vec::new();
+        for (run, inputs) in [(&job.run, fallback), (&reading, deferred)] {
             let mut inputs = inputs.into_iter().peekable();
             while inputs.peek().is_some() {
                 let batch = Batch {
@@ -280,10 +281,14 @@ async fn finish(job: &mut Job<'_>, window: Window, collected: Collected) -> Resu
                     group: Some(group.clone()),
                     inputs: inputs.by_ref().take(job.options.batch).collect(),
                 };
-                let done = run.clone().embed(batch).await?;
-                for s in &done.spends {
-                    spend.add(s);
-                }
+                requests.push(run.clone().embed(batch));
+            }
+        }
+        let mut answers =
+            futures_util::stream::iter(requests).buffer_unordered(job.options.concurrency);
+        while let Some(done) = answers.next().await {
+            for s in &done?.spends {
+                spend.add(s);
             }
         }
     }

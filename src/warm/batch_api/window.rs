@@ -268,7 +268,6 @@ async fn look_up(
         model,
         ..Spend::default()
     });
-    spend.requests += 1;
     spend.saved_tokens += saved;
     spend.prompt_tokens += saved;
     Ok(bytes)
