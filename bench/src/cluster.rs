@@ -168,13 +168,10 @@ pub async fn compare(
         gateway.log.display()
     );
     wait_healthy(&base.http, gateway).await?;
+    // Redis CPU here is the cluster nodes', not the single Redis's.
     let ctx = Context {
-        http: base.http.clone(),
-        gateway_url: gateway.url.clone().into(),
-        redis: base.redis.clone(),
-        gateway_pid: gateway.pid(),
         redis_pid: None,
-        ticks: base.ticks,
+        ..base.on(gateway)
     };
     let runs: [(&'static str, &Pool, Plan); 2] = [
         (
