@@ -1012,8 +1012,10 @@ fn render_stores(md: &mut String, stores: &Result<crate::stores::StoreRuns, Stri
         md,
         "\nMedian ratios: embedded / Redis 1-input throughput {} (target: at least 1); \
          embedded / Redis 2048 p50 {} (target: at most 1); relaxed / shipped limits 1-input \
-         throughput {} (1 within noise: the limits cost nothing measurable). Errors or \
-         requests not answered as hits in these runs: {errors}.\n",
+         throughput {} (1 within noise: the limits cost nothing measurable). Request ids \
+         have no off switch, so every row pays for them; `bench/instructions.sh` counts the \
+         instructions a hit costs, free of machine noise. Errors or requests not answered as \
+         hits in these runs: {errors}.\n",
         med(&|r| r.embedded.stats.per_second() / r.redis.stats.per_second()),
         med(&|r| p50_ratio(&r.embedded_2048, &r.redis_2048)),
         med(&|r| r.relaxed.stats.per_second() / r.redis.stats.per_second()),
