@@ -147,11 +147,8 @@ pub async fn compare(
 ) -> Result<ClusterRuns, String> {
     let cluster = LocalCluster::start()?;
     let env = [
-        // The cluster is the store; store.url stays at its default.
-        (
-            "EMBGATE__STORE__URL".to_owned(),
-            "redis://127.0.0.1:6379/0".to_owned(),
-        ),
+        // The cluster is the store: store.url must name no other.
+        ("EMBGATE__STORE__URL".to_owned(), String::new()),
         ("EMBGATE__STORE__CLUSTER_NODES".to_owned(), cluster.seeds()),
     ];
     let gateway = slot.insert(spawn_gateway(
@@ -168,13 +165,10 @@ pub async fn compare(
         gateway.log.display()
     );
     wait_healthy(&base.http, gateway).await?;
+    // Redis CPU here is the cluster nodes', not the single Redis's.
     let ctx = Context {
-        http: base.http.clone(),
-        gateway_url: gateway.url.clone().into(),
-        redis: base.redis.clone(),
-        gateway_pid: gateway.pid(),
         redis_pid: None,
-        ticks: base.ticks,
+        ..base.on(gateway)
     };
     let runs: [(&'static str, &Pool, Plan); 2] = [
         (

@@ -84,14 +84,7 @@ pub async fn compare(
         gateway.log.display()
     );
     wait_healthy(&base.http, gateway).await?;
-    let ctx = Context {
-        http: base.http.clone(),
-        gateway_url: gateway.url.clone().into(),
-        redis: base.redis.clone(),
-        gateway_pid: gateway.pid(),
-        redis_pid: base.redis_pid,
-        ticks: base.ticks,
-    };
+    let ctx = base.on(gateway);
     let mut compared = Comparison {
         max_bytes: args.l1_bytes,
         runs: BTreeMap::new(),
@@ -235,7 +228,7 @@ fn counters(text: &str) -> Option<Counters> {
 
 /// The sum of the samples of metric `name` (Prometheus text format) whose
 /// labels include every `want` pair; `None` if there is none.
-fn sum_samples(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn sum_samples(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
     let values: Vec<f64> = text
         .lines()
         .filter_map(|line| {

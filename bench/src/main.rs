@@ -15,6 +15,7 @@ mod http;
 mod l1;
 mod load;
 mod report;
+mod stores;
 mod sys;
 mod workload;
 
@@ -123,9 +124,17 @@ struct Args {
     /// gateway on it, repeating the 64- and 2048-input all-hit runs).
     #[arg(long)]
     no_cluster: bool,
+    /// Skip the store rows (the embedded store next to Redis, and the safety
+    /// limits next to relaxed ones: three more gateways, in rounds).
+    #[arg(long)]
+    no_stores: bool,
     /// Criterion output (`--output-format bencher`) to include in the report.
     #[arg(long)]
     criterion: Option<PathBuf>,
+    /// The embedded engines' comparison (`target/release/engines --out`) to
+    /// include in the report.
+    #[arg(long)]
+    engines: Option<PathBuf>,
     /// The command to cite in the report [default: this command line].
     #[arg(long)]
     command: Option<String>,
@@ -205,6 +214,8 @@ pub struct Results {
     pub l1: Option<Result<l1::Comparison, String>>,
     /// The Redis Cluster rows, unless skipped; `Err` if they failed.
     pub cluster: Option<Result<cluster::ClusterRuns, String>>,
+    /// The store rows, unless skipped; `Err` if they failed.
+    pub stores: Option<Result<stores::StoreRuns, String>>,
     /// The 2048-input latency targets' rounds (`--rounds`).
     pub hit2048_rounds: Vec<LatencyRound>,
 }
@@ -237,6 +248,18 @@ fn cpu_sample(gateway_pid: u32, redis_pid: Option<u32>, ticks: f64) -> Cpu {
 }
 
 impl Context {
+    /// The same client, Redis and clock, measuring another gateway.
+    fn on(&self, gateway: &GatewayProcess) -> Context {
+        Context {
+            http: self.http.clone(),
+            gateway_url: gateway.url.clone().into(),
+            redis: self.redis.clone(),
+            gateway_pid: gateway.pid(),
+            redis_pid: self.redis_pid,
+            ticks: self.ticks,
+        }
+    }
+
     /// Runs `op` under `plan`, with the CPU each process used in the window.
     async fn measure<F>(&self, label: &str, plan: Plan, op: F) -> Measured
     where
@@ -744,6 +767,7 @@ async fn run_scenarios(
         deleted_keys: None,
         l1: None,
         cluster: None,
+        stores: None,
         hit2048_rounds: Vec::new(),
     };
     let (pool1, pool64, pool2048) = (&pools.one, &pools.sixtyfour, &pools.large);
@@ -986,6 +1010,7 @@ async fn run(args: Args) -> Result<(), String> {
     // The L1 comparison's and the cluster rows' gateways, once started.
     let mut l1_gateway: Option<GatewayProcess> = None;
     let mut cluster_gateway: Option<GatewayProcess> = None;
+    let mut store_gateways = stores::Gateways::default();
     eprintln!(
         "gateway pid {} at {} (key prefix {prefix}, log {})",
         gateway.pid(),
@@ -1045,6 +1070,28 @@ async fn run(args: Args) -> Result<(), String> {
                 }
                 results.cluster = Some(compared);
             }
+            if !args.no_stores && args.runs(Scenario::Hit1) && args.runs(Scenario::Hit2048) {
+                gateway.stop();
+                if let Some(g) = &mut l1_gateway {
+                    g.stop();
+                }
+                let compared = stores::compare(
+                    &args,
+                    &ctx,
+                    &vendor.base_url(),
+                    &prefix,
+                    &pools,
+                    &mut store_gateways,
+                )
+                .await;
+                if let Err(e) = &compared {
+                    eprintln!("store rows failed: {e}");
+                }
+                for g in &mut store_gateways.all {
+                    g.stop();
+                }
+                results.stores = Some(compared);
+            }
             Ok(results)
         };
         tokio::select! {
@@ -1062,6 +1109,10 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(g) = &mut cluster_gateway {
         g.stop();
     }
+    for g in &mut store_gateways.all {
+        g.stop();
+    }
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{prefix}-embedded")));
     let deleted = delete_prefix(&mut redis_conn, &prefix).await;
     match &deleted {
         Ok(n) => eprintln!("deleted {n} keys under {prefix}:*"),
@@ -1074,13 +1125,14 @@ async fn run(args: Args) -> Result<(), String> {
         compared.store_warnings = store_failures(g);
     }
 
-    let criterion = match &args.criterion {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?,
-        ),
-        None => None,
+    let read = |path: &Option<PathBuf>| match path {
+        Some(path) => std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|e| format!("reading {}: {e}", path.display())),
+        None => Ok(None),
     };
+    let criterion = read(&args.criterion)?;
+    let engines = read(&args.engines)?;
     let markdown = report::render(&report::Input {
         command: &command,
         machine: &machine,
@@ -1096,6 +1148,7 @@ async fn run(args: Args) -> Result<(), String> {
         },
         results: &results,
         criterion: criterion.as_deref(),
+        engines: engines.as_deref(),
     });
     std::fs::write(&args.out, &markdown)
         .map_err(|e| format!("writing {}: {e}", args.out.display()))?;

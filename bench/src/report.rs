@@ -25,6 +25,8 @@ pub struct Input<'a> {
     pub settings: Settings<'a>,
     pub results: &'a Results,
     pub criterion: Option<&'a str>,
+    /// The embedded engines' section, as `engines` wrote it.
+    pub engines: Option<&'a str>,
 }
 
 const TARGET_HIT1_THROUGHPUT: f64 = 0.60;
@@ -438,6 +440,9 @@ pub fn render(input: &Input) -> String {
     if let Some(cluster) = &r.cluster {
         render_cluster(&mut md, r, cluster);
     }
+    if let Some(stores) = &r.stores {
+        render_stores(&mut md, stores);
+    }
 
     // Memory.
     if r.memory.peak_2048.is_some() || r.memory.after_warmup_rss.is_some() {
@@ -471,6 +476,10 @@ pub fn render(input: &Input) -> String {
             let _ = writeln!(md, "| {label} | {} |", mib(r.memory.peak_2048));
         }
         md.push('\n');
+    }
+
+    if let Some(section) = input.engines {
+        md.push_str(section);
     }
 
     // Criterion.
@@ -940,6 +949,101 @@ fn render_cluster(
         );
     }
     md.push('\n');
+}
+
+/// The "Stores and limits" section: the embedded store next to Redis, and
+/// the shipped safety limits next to relaxed ones, in rounds.
+fn render_stores(md: &mut String, stores: &Result<crate::stores::StoreRuns, String>) {
+    md.push_str("## Stores and limits\n\n");
+    let runs = match stores {
+        Ok(runs) => runs,
+        Err(e) => {
+            let _ = writeln!(md, "The store rows failed, so nothing is measured: {e}\n");
+            return;
+        }
+    };
+    let relaxed: Vec<String> = crate::stores::RELAXED
+        .iter()
+        .map(|(k, v)| format!("`{k}={v}`"))
+        .collect();
+    let _ = writeln!(
+        md,
+        "Three more gateways (L1 off, as the main runs: the store path is measured): on the \
+         Redis above with the shipped limits, on it with the safety limits relaxed ({}), and \
+         on the embedded store (redb, a file in the temporary directory). Each round runs the \
+         1-input all-hit base64 run on all three and the 2048 x 1536 all-hit latency on both \
+         stores, back to back; each comparison is judged on the median round.\n",
+        relaxed.join(", ")
+    );
+    md.push_str(
+        "| Round | Redis 1-input req/s | relaxed limits req/s | embedded req/s | \
+         Redis 2048 p50 ms | embedded 2048 p50 ms |\n|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for (i, r) in runs.rounds.iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            i + 1,
+            r.redis.stats.per_second(),
+            r.relaxed.stats.per_second(),
+            r.embedded.stats.per_second(),
+            ms(r.redis_2048.stats.p50()),
+            ms(r.embedded_2048.stats.p50()),
+        );
+    }
+    let errors: u64 = runs
+        .rounds
+        .iter()
+        .flat_map(|r| {
+            [
+                &r.redis,
+                &r.relaxed,
+                &r.embedded,
+                &r.redis_2048,
+                &r.embedded_2048,
+            ]
+        })
+        .map(|m| m.stats.errors + m.stats.unexpected)
+        .sum();
+    let med = |f: &dyn Fn(&crate::stores::Round) -> f64| {
+        median(&runs.rounds, |r| f(r)).map_or_else(|| "-".to_owned(), |(v, _, _)| ratio(v))
+    };
+    let _ = writeln!(
+        md,
+        "\nMedian ratios: embedded / Redis 1-input throughput {} (target: at least 1); \
+         embedded / Redis 2048 p50 {} (target: at most 1); relaxed / shipped limits 1-input \
+         throughput {} (1 within noise: the limits cost nothing measurable). Request ids \
+         have no off switch, so every row pays for them; `bench/instructions.sh` counts the \
+         instructions a hit costs, free of machine noise. Errors or requests not answered as \
+         hits in these runs: {errors}.\n",
+        med(&|r| r.embedded.stats.per_second() / r.redis.stats.per_second()),
+        med(&|r| p50_ratio(&r.embedded_2048, &r.redis_2048)),
+        med(&|r| r.relaxed.stats.per_second() / r.redis.stats.per_second()),
+    );
+    md.push_str(
+        "| Misses written | Requests (64 inputs, 4 connections) | Errors | req/s | p50 ms \
+         | entries written / s |\n|---|--:|--:|--:|--:|--:|\n",
+    );
+    for (name, run) in [
+        ("Redis", &runs.redis_miss),
+        ("embedded", &runs.embedded_miss),
+    ] {
+        let st = &run.measured.stats;
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {:.0} | {} | {:.0} |",
+            st.ok,
+            st.errors,
+            st.per_second(),
+            ms(st.p50()),
+            run.written_per_second
+        );
+    }
+    md.push_str(
+        "\nEntries written per second count every fetched input from the first request of \
+         the run (its warm-up included) until the gateway reported no write pending: the \
+         answers never wait for the writes, so this is the rate the store took them.\n\n",
+    );
 }
 
 fn zipf_title(shape: Option<&ZipfShape>) -> String {
