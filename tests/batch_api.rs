@@ -578,3 +578,28 @@ async fn input_files_stay_within_the_byte_limit() {
     assert_eq!(summary.batches, 3);
     assert_eq!(summary.batch_inputs, 3);
 }
+
+#[tokio::test]
+async fn a_vendor_without_the_batch_api_stops_the_run_before_any_spend() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    let elsewhere = format!("{}/no-batches", vendor.base_url());
+    let settings = settings(
+        &scratch,
+        &vendor,
+        &[("EMBGATE__UPSTREAM__BASE_URL", elsewhere.as_str())],
+    );
+    let path = write(&scratch, "docs.jsonl", &["one", "two"]);
+    let opts = options(&path);
+    let err = warm::warm(&settings, &opts).await.expect_err("refused");
+    let WarmError::Stopped { cause, summary } = &err else {
+        panic!("expected a stop, got {err}");
+    };
+    assert_eq!(cause.vendor_status(), Some(404), "{cause}");
+    assert_eq!(summary.checkpoint_lines, 0);
+    assert_eq!(summary.tokens_paid, 0);
+    assert!(vendor.batch_ids().is_empty());
+    assert_eq!(vendor.total_inputs_embedded(), 0);
+    let recorded = warm::read_checkpoint(&opts.checkpoint_path()).expect("readable");
+    assert!(recorded.is_none_or(|cp| cp.batches.is_empty()));
+}

@@ -404,11 +404,19 @@ pub async fn cli(settings: &Settings, options: &WarmOptions) -> ExitCode {
         };
     }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let batch_api = options.batch_api;
     let signals = tokio::spawn(async move {
         crate::signal::terminated().await;
-        eprintln!(
-            "embgate warm: interrupted; finishing the requests in flight (interrupt again to quit now)"
-        );
+        match batch_api {
+            true => eprintln!(
+                "embgate warm: interrupted; the batches submitted stay in the checkpoint, a rerun \
+                 with --batch-api collects them (interrupt again to quit now)"
+            ),
+            false => eprintln!(
+                "embgate warm: interrupted; finishing the requests in flight (interrupt again to \
+                 quit now)"
+            ),
+        }
         let _ = tx.send(());
         crate::signal::terminated().await;
         std::process::exit(130);
