@@ -603,3 +603,35 @@ async fn a_vendor_without_the_batch_api_stops_the_run_before_any_spend() {
     let recorded = warm::read_checkpoint(&opts.checkpoint_path()).expect("readable");
     assert!(recorded.is_none_or(|cp| cp.batches.is_empty()));
 }
+
+#[rstest]
+#[case::refused(429, true)]
+#[case::failed(500, false)]
+#[tokio::test]
+async fn only_a_refused_batch_creation_is_tried_again(#[case] status: u16, #[case] again: bool) {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    vendor.push_batch_create_error(status);
+    let settings = settings(&scratch, &vendor, &[]);
+    let path = write(&scratch, "docs.jsonl", &["one"]);
+    let result = warm::warm(&settings, &options(&path)).await;
+    let creations = vendor
+        .requests_seen()
+        .iter()
+        .filter(|r| *r == "POST /v1/batches")
+        .count();
+    match again {
+        true => {
+            assert!(result.is_ok(), "{result:?}");
+            assert_eq!(creations, 2);
+        }
+        false => {
+            let err = result.expect_err("the run stops");
+            let WarmError::Stopped { cause, .. } = &err else {
+                panic!("expected a stop, got {err}");
+            };
+            assert_eq!(cause.vendor_status(), Some(500));
+            assert_eq!(creations, 1, "a batch that may exist is not created twice");
+        }
+    }
+}

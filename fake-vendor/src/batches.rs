@@ -124,6 +124,8 @@ pub(crate) struct Batches {
     fates: VecDeque<BatchFate>,
     /// Inputs whose batch lines fail (500) wherever they appear.
     failing: HashSet<InputItem>,
+    /// Statuses the next `POST /v1/batches` answer with instead (FIFO).
+    create_errors: VecDeque<u16>,
     /// While set, no batch moves on by itself.
     held: bool,
     lines: Vec<BatchLine>,
@@ -142,6 +144,10 @@ impl Batches {
 
     pub(crate) fn fail_input(&mut self, input: InputItem) {
         self.failing.insert(input);
+    }
+
+    pub(crate) fn push_create_error(&mut self, status: u16) {
+        self.create_errors.push_back(status);
     }
 
     pub(crate) fn hold(&mut self, held: bool) {
@@ -307,6 +313,10 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, body: axum::body::
             .into_response();
     }
     let mut state = lock(&shared.batches);
+    if let Some(status) = state.create_errors.pop_front() {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return ApiError::for_status(status, None).into_response();
+    }
     match state.files.get(input_file_id) {
         Some(f) if f.purpose == "batch" => {}
         Some(_) => {

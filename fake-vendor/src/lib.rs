@@ -252,6 +252,12 @@ impl FakeVendor {
         lock(&self.shared.batches).push_fate(fate);
     }
 
+    /// The next `POST /v1/batches` is answered with `status` (an
+    /// OpenAI-shaped error) and creates nothing (FIFO).
+    pub fn push_batch_create_error(&self, status: u16) {
+        lock(&self.shared.batches).push_create_error(status);
+    }
+
     /// Every batch line carrying `input` fails (500, in the error file).
     pub fn fail_batch_input(&self, input: InputItem) {
         lock(&self.shared.batches).fail_input(input);

@@ -190,10 +190,11 @@ impl Upstream {
         }
         let file: File = self
             .retrying(|| async {
-                let part = reqwest::multipart::Part::stream(jsonl.clone())
-                    .file_name("embgate-batch.jsonl")
-                    .mime_str("application/jsonl")
-                    .map_err(|e| UpstreamError::Transport(e.without_url().to_string()))?;
+                let part =
+                    reqwest::multipart::Part::stream_with_length(jsonl.clone(), jsonl.len() as u64)
+                        .file_name("embgate-batch.jsonl")
+                        .mime_str("application/jsonl")
+                        .map_err(|e| UpstreamError::Transport(e.without_url().to_string()))?;
                 let form = reqwest::multipart::Form::new()
                     .text("purpose", "batch")
                     .part("file", part);
@@ -219,14 +220,20 @@ impl Upstream {
             "completion_window": "24h",
         })
         .to_string();
-        self.retrying(|| {
-            let req = self
-                .http()
-                .post(self.batch_api_url("batches"))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-            self.batch_call(req, key)
-        })
+        // Each batch created is paid for: only a refusal is tried again,
+        // never a failure after which the batch may exist after all.
+        let refused = |e: &UpstreamError| matches!(e, UpstreamError::Vendor { status, .. } if status.as_u16() == 429);
+        self.retrying_when(
+            || {
+                let req = self
+                    .http()
+                    .post(self.batch_api_url("batches"))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+                self.batch_call(req, key)
+            },
+            refused,
+        )
         .await
     }
 

@@ -297,7 +297,20 @@ impl Upstream {
 
     /// Runs `once` until it succeeds, fails for good, or the retry budget
     /// (`upstream.max_retries`, `upstream.retry_deadline_secs`) is spent.
-    pub(super) async fn retrying<T, F, Fut>(&self, mut once: F) -> Result<T, UpstreamError>
+    pub(super) async fn retrying<T, F, Fut>(&self, once: F) -> Result<T, UpstreamError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
+        self.retrying_when(once, UpstreamError::is_retryable).await
+    }
+
+    /// [`Upstream::retrying`], trying again only the failures `again` names.
+    pub(super) async fn retrying_when<T, F, Fut>(
+        &self,
+        mut once: F,
+        again: fn(&UpstreamError) -> bool,
+    ) -> Result<T, UpstreamError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, UpstreamError>>,
@@ -309,7 +322,7 @@ impl Upstream {
                 Ok(answer) => return Ok(answer),
                 Err(e) => e,
             };
-            if !err.is_retryable() || attempt >= self.settings.max_retries {
+            if !again(&err) || attempt >= self.settings.max_retries {
                 return Err(err);
             }
             let wait = err.retry_after().unwrap_or_else(|| backoff(attempt));
