@@ -328,6 +328,22 @@ async fn a_rerun_collects_the_submitted_batch_without_paying_again(#[case] backe
         status.contains("validating") || status.contains("in_progress"),
         "{status}"
     );
+    // The same from the command line.
+    let file = path.to_str().expect("utf-8 path");
+    let cli = embgate(&["warm", file, "--batch-api", "--status"])
+        .envs(scratch.home.env())
+        .env("EMBGATE__UPSTREAM__BASE_URL", vendor.base_url())
+        .env("EMBGATE__UPSTREAM__API_KEY", "sk-test")
+        .env("EMBGATE__AUTH__MODE", "open")
+        .output()
+        .await
+        .expect("runs");
+    let printed = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success(), "{printed}");
+    assert!(
+        printed.contains(&ids[0]) && printed.contains("lines 1-4"),
+        "{printed}"
+    );
 
     // A plain run may not skip it.
     let plain = WarmOptions {
