@@ -108,6 +108,8 @@ struct Batch {
     output_file_id: Option<String>,
     error_file_id: Option<String>,
     errors: Option<Value>,
+    /// Output and error files written while finalizing.
+    staged: Option<(Option<String>, Option<String>)>,
     total: usize,
     completed: usize,
     failed: usize,
@@ -338,6 +340,7 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, body: axum::body::
         output_file_id: None,
         error_file_id: None,
         errors: None,
+        staged: None,
         total: 0,
         completed: 0,
         failed: 0,
@@ -441,17 +444,20 @@ fn step(shared: &Shared, id: &str) {
             }
             return;
         }
-        (Status::InProgress, BatchFate::Complete) => {
-            if let Some(batch) = state.batches.get_mut(id) {
-                batch.status = Status::Finalizing;
-            }
-            return;
-        }
+        (Status::InProgress, BatchFate::Complete) => Status::Finalizing,
         (Status::InProgress, BatchFate::Expire) => Status::Expired,
         (Status::InProgress | Status::Cancelling, _) if fate == BatchFate::Cancel => {
             Status::Cancelled
         }
-        (Status::Finalizing, _) => Status::Completed,
+        (Status::Finalizing, _) => {
+            if let Some(batch) = state.batches.get_mut(id) {
+                let (output, errors) = batch.staged.take().unwrap_or_default();
+                batch.output_file_id = output;
+                batch.error_file_id = errors;
+                batch.status = Status::Completed;
+            }
+            return;
+        }
         _ => return,
     };
     drop(state);
@@ -546,8 +552,9 @@ fn validate(bytes: &[u8], endpoint: &str) -> Result<Vec<(String, Value)>, Value>
     Ok(lines)
 }
 
-/// Ends a batch as `end`: answers its lines (all of them when completed,
-/// none when expired or cancelled), writes the output and error files.
+/// Ends a batch as `end` (or finalizes it): answers its lines (all of them
+/// when finalizing, none when expired or cancelled), writes the output and
+/// error files.
 fn run(shared: &Shared, id: &str, end: Status) {
     let (bytes, endpoint) = {
         let state = lock(&shared.batches);
@@ -576,7 +583,7 @@ fn run(shared: &Shared, id: &str, end: Status) {
         );
         let fails = record.request.inputs.iter().any(|i| failing.contains(i));
         recorded.push(record);
-        let out = if end != Status::Completed {
+        let out = if end != Status::Finalizing {
             let code = if end == Status::Expired {
                 "batch_expired"
             } else {
@@ -638,8 +645,11 @@ fn run(shared: &Shared, id: &str, end: Status) {
     let error_id = file(&mut state, errors, "batch_errors.jsonl");
     if let Some(batch) = state.batches.get_mut(id) {
         batch.status = end;
-        batch.output_file_id = output_id;
-        batch.error_file_id = error_id;
+        // Counts show while finalizing; the files only once completed.
+        match end {
+            Status::Finalizing => batch.staged = Some((output_id, error_id)),
+            _ => (batch.output_file_id, batch.error_file_id) = (output_id, error_id),
+        }
         batch.total = lines.len();
         batch.completed = completed;
         batch.failed = failed;

@@ -120,6 +120,14 @@ async fn a_batch_goes_through_its_statuses_and_answers_each_line() {
         let (status, batch) = get(&vendor, &format!("/batches/{id}")).await;
         assert_eq!(status, 200);
         seen.push(batch["status"].as_str().expect("status").to_owned());
+        if batch["status"] == "finalizing" {
+            assert_eq!(batch["request_counts"]["completed"], 2, "{batch}");
+            assert_eq!(
+                batch["output_file_id"],
+                Value::Null,
+                "not before completion"
+            );
+        }
         if batch["status"] == "completed" {
             break batch;
         }
