@@ -3,7 +3,9 @@
 //! It stands in for the paid vendor in embgate's integration tests,
 //! benchmarks and SDK-driven CI scripts: embeddings are a pure function of
 //! (model, dimensions, input) so tests can predict every vector, and faults
-//! can be queued to exercise the gateway's error handling.
+//! can be queued to exercise the gateway's error handling. The Files and
+//! Batch APIs are there too (OpenAI's and Azure OpenAI's paths), with
+//! batches whose pace and end tests decide.
 
 mod batches;
 mod embeddings;

@@ -15,8 +15,8 @@ use crate::warm::run::{Run, Spend};
 
 use super::collect::Target;
 
-/// A window holds at most this many lines' inputs per miss it may hold,
-/// so that a run of hits still moves the checkpoint on.
+/// A window also closes after this many inputs (hits included) per request
+/// a batch may hold, so that a long run of hits still moves the checkpoint on.
 const INPUTS_PER_MISS: u64 = 10;
 /// What a batch line adds to its input's size, for the file size limit.
 pub(super) const LINE_OVERHEAD: u64 = 256;
