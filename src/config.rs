@@ -88,7 +88,15 @@ max_input_bytes = 1048576
 max_extra_fields = 16
 max_model_bytes = 256
 
+[batch_api]
+max_requests_per_batch = 50000
+max_file_bytes = 209715200
+max_in_flight = 4
+poll_min_ms = 5000
+poll_max_ms = 300000
+
 [prices]
+batch_discount = 0.5
 "text-embedding-3-small" = 0.02
 "text-embedding-3-large" = 0.13
 "text-embedding-ada-002" = 0.10
@@ -114,8 +122,56 @@ pub struct Settings {
     /// More vendors, by name, each serving the models it lists.
     #[serde(default)]
     pub upstreams: HashMap<String, NamedUpstream>,
-    /// USD per 1M input tokens, by model name.
-    pub prices: HashMap<String, f64>,
+    /// `embgate warm --batch-api`: how misses go through the vendor's Batch API.
+    pub batch_api: BatchApiSettings,
+    /// USD per 1M input tokens, by model name; and what the Batch API takes off.
+    pub prices: Prices,
+    /// USD per 1M input tokens through the Batch API, by model name (default:
+    /// `prices.<model>` times `prices.batch_discount`).
+    #[serde(default)]
+    pub batch_prices: HashMap<String, f64>,
+}
+
+/// Synchronous prices by model, and the Batch API's discount on them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Prices {
+    /// A batch-priced token costs this fraction of a synchronous one.
+    pub batch_discount: f64,
+    #[serde(flatten)]
+    pub models: HashMap<String, f64>,
+}
+
+/// Reads as the per-model prices: what every price lookup wants.
+impl std::ops::Deref for Prices {
+    type Target = HashMap<String, f64>;
+    fn deref(&self) -> &HashMap<String, f64> {
+        &self.models
+    }
+}
+
+impl Settings {
+    /// USD per 1M tokens of `model` through the Batch API (0 when unpriced).
+    pub fn batch_price(&self, model: &str) -> f64 {
+        match self.batch_prices.get(model) {
+            Some(price) => *price,
+            None => self.prices.get(model).copied().unwrap_or(0.0) * self.prices.batch_discount,
+        }
+    }
+}
+
+/// Limits of one Batch API job and how it is followed.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchApiSettings {
+    /// Requests (one input each) in one vendor batch.
+    pub max_requests_per_batch: usize,
+    /// Bytes of one batch input file.
+    pub max_file_bytes: u64,
+    /// Vendor batches submitted and not yet collected at once.
+    pub max_in_flight: usize,
+    /// The first wait between two looks at a batch; doubled up to...
+    pub poll_min_ms: u64,
+    /// ...this.
+    pub poll_max_ms: u64,
 }
 
 /// How long entries live. An embedding never changes, so by default they
@@ -599,15 +655,32 @@ impl Settings {
         {
             return invalid("limits", "limits must be positive");
         }
-        if let Some((model, _)) = self
-            .prices
-            .iter()
-            .find(|(_, p)| !(p.is_finite() && **p >= 0.0))
+        for (key, prices) in [
+            ("prices", &self.prices.models),
+            ("batch_prices", &self.batch_prices),
+        ] {
+            if let Some((model, _)) = prices.iter().find(|(_, p)| !(p.is_finite() && **p >= 0.0)) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("price of {model} must be a non-negative number"),
+                });
+            }
+        }
+        let discount = self.prices.batch_discount;
+        if !(discount.is_finite() && (0.0..=1.0).contains(&discount)) {
+            return invalid("prices.batch_discount", "must be between 0 and 1");
+        }
+        let b = &self.batch_api;
+        if b.max_requests_per_batch == 0
+            || b.max_file_bytes == 0
+            || b.max_in_flight == 0
+            || b.poll_min_ms == 0
+            || b.poll_max_ms < b.poll_min_ms
         {
-            return Err(ConfigError::Invalid {
-                key: "prices",
-                reason: format!("price of {model} must be a non-negative number"),
-            });
+            return invalid(
+                "batch_api",
+                "limits must be positive, poll_max_ms at least poll_min_ms",
+            );
         }
         Ok(())
     }
@@ -901,6 +974,43 @@ deployments = { "any-model" = "any-deployment" }
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn batch_prices_default_to_the_discount() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("EMBGATE__PRICES__BATCH_DISCOUNT", "0.4"),
+                ("EMBGATE__BATCH_PRICES__TEXT-EMBEDDING-3-LARGE", "0.05"),
+                ("EMBGATE__BATCH_API__MAX_IN_FLIGHT", "2"),
+            ]),
+        )
+        .expect("loads");
+        assert!(!s.prices.contains_key("batch_discount"), "not a model");
+        assert!((s.batch_price("text-embedding-3-small") - 0.008).abs() < 1e-12);
+        assert_eq!(s.batch_price("text-embedding-3-large"), 0.05);
+        assert_eq!(s.batch_price("unpriced"), 0.0);
+        assert_eq!(s.batch_api.max_in_flight, 2);
+        assert_eq!(
+            Settings::load_from(None, None)
+                .expect("defaults")
+                .prices
+                .batch_discount,
+            0.5
+        );
+        for (key, value) in [
+            ("EMBGATE__PRICES__BATCH_DISCOUNT", "1.5"),
+            ("EMBGATE__BATCH_PRICES__X", "-1"),
+            ("EMBGATE__BATCH_API__MAX_REQUESTS_PER_BATCH", "0"),
+            ("EMBGATE__BATCH_API__POLL_MAX_MS", "1"),
+        ] {
+            let loaded = Settings::load_from(None, env(&[(key, value)]));
+            assert!(
+                matches!(loaded, Err(ConfigError::Invalid { .. })),
+                "{key}={value}"
+            );
+        }
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub cache_saved_usd: CounterVec,
     pub upstream_tokens: IntCounterVec,
     pub upstream_spent_usd: CounterVec,
+    pub upstream_batch_spent_usd: CounterVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_duration: Histogram,
     pub upstream_inputs: IntCounterVec,
@@ -83,6 +84,7 @@ pub struct Metrics {
     pub ledger_saved_usd: GaugeVec,
     pub ledger_spent_tokens: GaugeVec,
     pub ledger_spent_usd: GaugeVec,
+    pub ledger_batch_spent_usd: GaugeVec,
     pub store_entries: IntGauge,
     pub store_memory_bytes: IntGauge,
     pub l1_hits: prometheus::IntCounter,
@@ -183,6 +185,11 @@ impl Metrics {
             upstream_spent_usd: counter(
                 "embgate_upstream_spent_usd_total",
                 "US dollars spent at the vendor, by model (prices.<model>).",
+                &["model"],
+            )?,
+            upstream_batch_spent_usd: counter(
+                "embgate_upstream_batch_spent_usd_total",
+                "Of embgate_upstream_spent_usd_total, US dollars spent through the vendor's Batch API, by model (batch_prices.<model>, or prices.<model> times prices.batch_discount).",
                 &["model"],
             )?,
             upstream_requests: int_counter(
@@ -287,6 +294,10 @@ impl Metrics {
             ledger_spent_usd: gauge(
                 "embgate_ledger_spent_usd",
                 "All-time US dollars paid to the vendor (ledger kept in the store), by model and tenant.",
+            )?,
+            ledger_batch_spent_usd: gauge(
+                "embgate_ledger_batch_spent_usd",
+                "All-time US dollars spent through the vendor's Batch API (part of embgate_ledger_spent_usd), by model and tenant.",
             )?,
             store_entries: int_gauge(
                 "embgate_store_entries",

@@ -131,7 +131,7 @@ impl Context {
         );
         Context {
             upstreams,
-            prices: settings.prices.clone(),
+            prices: settings.prices.models.clone(),
         }
     }
 

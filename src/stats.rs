@@ -114,7 +114,7 @@ impl Stats {
             );
         }
         let _ = writeln!(out, "ledger (all time)");
-        let mut rows: BTreeMap<(&str, &str), [f64; 4]> = BTreeMap::new();
+        let mut rows: BTreeMap<(&str, &str), [f64; Kind::ALL.len()]> = BTreeMap::new();
         for (account, value) in &self.ledger {
             let row = rows
                 .entry((account.model.as_str(), account.tenant.as_str()))
@@ -127,24 +127,30 @@ impl Stats {
         }
         let _ = writeln!(
             out,
-            "  {:<30} {:<12} {:>14} {:>12} {:>14} {:>12}",
-            "model", "tenant", "saved tokens", "saved USD", "spent tokens", "spent USD"
+            "  {:<30} {:<12} {:>14} {:>12} {:>14} {:>12} {:>12}",
+            "model",
+            "tenant",
+            "saved tokens",
+            "saved USD",
+            "spent tokens",
+            "spent USD",
+            "of it batch"
         );
-        let mut totals = [0f64; 4];
+        let mut totals = [0f64; Kind::ALL.len()];
         for ((model, tenant), row) in &rows {
             for (t, v) in totals.iter_mut().zip(row) {
                 *t += v;
             }
             let _ = writeln!(
                 out,
-                "  {model:<30} {tenant:<12} {:>14} {:>12.4} {:>14} {:>12.4}",
-                row[0], row[1], row[2], row[3]
+                "  {model:<30} {tenant:<12} {:>14} {:>12.4} {:>14} {:>12.4} {:>12.4}",
+                row[0], row[1], row[2], row[3], row[4]
             );
         }
         let _ = writeln!(
             out,
-            "  {:<30} {:<12} {:>14} {:>12.4} {:>14} {:>12.4}",
-            "total", "", totals[0], totals[1], totals[2], totals[3]
+            "  {:<30} {:<12} {:>14} {:>12.4} {:>14} {:>12.4} {:>12.4}",
+            "total", "", totals[0], totals[1], totals[2], totals[3], totals[4]
         );
         out
     }

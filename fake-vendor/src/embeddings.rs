@@ -178,7 +178,7 @@ pub(crate) fn vendor_headers(headers: &mut HeaderMap, shared: &Shared, started: 
     }
 }
 
-fn lenient_record(value: Option<&Value>, headers: &HeaderMap) -> RecordedRequest {
+pub(crate) fn lenient_record(value: Option<&Value>, headers: &HeaderMap) -> RecordedRequest {
     let field = |name: &str| value.and_then(|v| v.get(name));
     RecordedRequest {
         model: field("model").and_then(Value::as_str).map(str::to_owned),
@@ -331,7 +331,7 @@ fn token_array(items: &[Value]) -> Result<Vec<u32>, ApiError> {
 
 /// Accepts a string, an array of strings, an array of token ids (one
 /// input), or an array of token-id arrays; nothing may be empty or mixed.
-fn parse_inputs(value: &Value) -> Result<Vec<InputItem>, ApiError> {
+pub(crate) fn parse_inputs(value: &Value) -> Result<Vec<InputItem>, ApiError> {
     let items = match value {
         Value::String(s) if !s.is_empty() => return Ok(vec![InputItem::Text(s.clone())]),
         Value::Array(items) if !items.is_empty() => items,
@@ -443,7 +443,61 @@ fn embed(parsed: Parsed) -> Result<Success, ApiError> {
     })
 }
 
+/// One `/v1/embeddings` body of a batch's input file, answered as the
+/// endpoint answers it (the key was checked when the batch was created):
+/// the status and the JSON body.
+pub(crate) fn answer_batch_line(shared: &Shared, body: &Value) -> (StatusCode, String) {
+    let parsed = match body {
+        Value::Object(object) => parse(object),
+        other => Err(ApiError::invalid(format!(
+            "{} is not of type 'object'",
+            truncate(&other.to_string())
+        ))),
+    };
+    match parsed.and_then(embed) {
+        Ok(success) => {
+            shared.count_embedded(success.model.id, success.dimensions, &success.inputs);
+            (StatusCode::OK, render_body(&success, None))
+        }
+        Err(error) => (error.status, error.body()),
+    }
+}
+
 fn render(success: &Success, corruption: Option<Corruption>) -> Response {
+    let out = render_body(success, corruption);
+    let mut headers = json_headers();
+    let remaining_tokens = 10_000_000u64.saturating_sub(success.tokens);
+    let pairs = [
+        ("openai-model", HeaderValue::from_static(success.model.id)),
+        (
+            "x-ratelimit-limit-requests",
+            HeaderValue::from_static("10000"),
+        ),
+        (
+            "x-ratelimit-limit-tokens",
+            HeaderValue::from_static("10000000"),
+        ),
+        (
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("9999"),
+        ),
+        (
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from(remaining_tokens),
+        ),
+        (
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("6ms"),
+        ),
+        ("x-ratelimit-reset-tokens", HeaderValue::from_static("0s")),
+    ];
+    for (name, value) in pairs {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+    (StatusCode::OK, headers, out).into_response()
+}
+
+fn render_body(success: &Success, corruption: Option<Corruption>) -> String {
     let mut items: Vec<(usize, Vec<f32>)> = success.vectors.iter().cloned().enumerate().collect();
     if let Some(c) = corruption {
         corrupt(&mut items, c);
@@ -496,37 +550,7 @@ fn render(success: &Success, corruption: Option<Corruption>) -> Response {
         Value::from(success.model.id),
         t = success.tokens
     );
-
-    let mut headers = json_headers();
-    let remaining_tokens = 10_000_000u64.saturating_sub(success.tokens);
-    let pairs = [
-        ("openai-model", HeaderValue::from_static(success.model.id)),
-        (
-            "x-ratelimit-limit-requests",
-            HeaderValue::from_static("10000"),
-        ),
-        (
-            "x-ratelimit-limit-tokens",
-            HeaderValue::from_static("10000000"),
-        ),
-        (
-            "x-ratelimit-remaining-requests",
-            HeaderValue::from_static("9999"),
-        ),
-        (
-            "x-ratelimit-remaining-tokens",
-            HeaderValue::from(remaining_tokens),
-        ),
-        (
-            "x-ratelimit-reset-requests",
-            HeaderValue::from_static("6ms"),
-        ),
-        ("x-ratelimit-reset-tokens", HeaderValue::from_static("0s")),
-    ];
-    for (name, value) in pairs {
-        headers.insert(HeaderName::from_static(name), value);
-    }
-    (StatusCode::OK, headers, out).into_response()
+    out
 }
 
 #[cfg(test)]

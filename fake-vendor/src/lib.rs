@@ -3,8 +3,11 @@
 //! It stands in for the paid vendor in embgate's integration tests,
 //! benchmarks and SDK-driven CI scripts: embeddings are a pure function of
 //! (model, dimensions, input) so tests can predict every vector, and faults
-//! can be queued to exercise the gateway's error handling.
+//! can be queued to exercise the gateway's error handling. The Files and
+//! Batch APIs are there too (OpenAI's and Azure OpenAI's paths), with
+//! batches whose pace and end tests decide.
 
+mod batches;
 mod embeddings;
 mod error;
 mod faults;
@@ -20,6 +23,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+pub use batches::{BatchFate, BatchLine, MAX_BATCH_REQUESTS, MAX_FILE_BYTES};
 pub use faults::Fault;
 pub use vectors::{default_dimensions, embedding, tokens};
 
@@ -82,6 +86,7 @@ pub(crate) struct Shared {
     faults: Mutex<VecDeque<Fault>>,
     records: Mutex<Records>,
     requests_served: AtomicU64,
+    batches: Mutex<batches::Batches>,
 }
 
 /// Locks ignoring poisoning: the guarded data stays consistent because no
@@ -98,6 +103,7 @@ impl Shared {
             faults: Mutex::new(VecDeque::new()),
             records: Mutex::new(Records::default()),
             requests_served: AtomicU64::new(0),
+            batches: Mutex::new(batches::Batches::default()),
         }
     }
 
@@ -240,6 +246,50 @@ impl FakeVendor {
     /// Number of inputs embedded across all successful, unfaulted responses.
     pub fn total_inputs_embedded(&self) -> u64 {
         lock(&self.shared.records).total
+    }
+
+    /// The next batch created ends this way (FIFO; batches without a queued
+    /// fate complete).
+    pub fn push_batch_fate(&self, fate: BatchFate) {
+        lock(&self.shared.batches).push_fate(fate);
+    }
+
+    /// The next `POST /v1/batches` is answered with `status` (an
+    /// OpenAI-shaped error) and creates nothing (FIFO).
+    pub fn push_batch_create_error(&self, status: u16) {
+        lock(&self.shared.batches).push_create_error(status);
+    }
+
+    /// Every batch line carrying `input` fails (500, in the error file).
+    pub fn fail_batch_input(&self, input: InputItem) {
+        lock(&self.shared.batches).fail_input(input);
+    }
+
+    /// While held, batches stay where they are however often they are
+    /// polled; released, each poll moves a batch one step on.
+    pub fn hold_batches(&self, held: bool) {
+        lock(&self.shared.batches).hold(held);
+    }
+
+    /// Moves every batch that has not ended to its end at once.
+    pub fn finish_batches(&self) {
+        batches::finish_all(&self.shared);
+    }
+
+    /// Batch ids, in creation order.
+    pub fn batch_ids(&self) -> Vec<String> {
+        lock(&self.shared.batches).ids()
+    }
+
+    /// A batch's status (`validating`, `in_progress`, ... `cancelled`).
+    pub fn batch_status(&self, id: &str) -> Option<&'static str> {
+        lock(&self.shared.batches).status(id)
+    }
+
+    /// The lines of every batch that has ended with its lines read, in
+    /// the order they were answered.
+    pub fn batch_lines(&self) -> Vec<BatchLine> {
+        lock(&self.shared.batches).lines()
     }
 
     /// Forgets recorded requests and embedding counts (not queued faults).

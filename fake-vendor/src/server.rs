@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tower_service::Service;
 
 use crate::error::ApiError;
-use crate::{Shared, embeddings, passthrough};
+use crate::{Shared, batches, embeddings, passthrough};
 
 /// Largest request body read; OpenAI accepts multi-megabyte embedding
 /// batches (2048 inputs of up to 8192 tokens).
@@ -40,6 +40,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(passthrough::chat_completions))
         .route("/v1/echo", any(passthrough::echo))
         .route("/v1/echo/{*rest}", any(passthrough::echo))
+        .merge(batch_routes(shared.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -47,6 +48,38 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             log_request,
         ))
         .with_state(shared)
+}
+
+/// The Files and Batch APIs, behind the key check: OpenAI's under `/v1`,
+/// Azure OpenAI's under `/openai` (its `api-key` header and `api-version`).
+fn batch_routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
+    let routes = |prefix: &str| {
+        let upload = post(batches::upload).layer(axum::extract::DefaultBodyLimit::max(
+            batches::MAX_FILE_BYTES + 64 * 1024,
+        ));
+        Router::new()
+            .route(&format!("{prefix}/files"), upload)
+            .route(&format!("{prefix}/files/{{id}}"), get(batches::file))
+            .route(
+                &format!("{prefix}/files/{{id}}/content"),
+                get(batches::content),
+            )
+            .route(&format!("{prefix}/batches"), post(batches::create))
+            .route(&format!("{prefix}/batches/{{id}}"), get(batches::retrieve))
+            .route(
+                &format!("{prefix}/batches/{{id}}/cancel"),
+                post(batches::cancel),
+            )
+    };
+    let openai = routes("/v1").route_layer(axum::middleware::from_fn_with_state(
+        shared.clone(),
+        batches::require_key,
+    ));
+    let azure = routes("/openai").route_layer(axum::middleware::from_fn_with_state(
+        shared,
+        batches::require_azure_key,
+    ));
+    openai.merge(azure)
 }
 
 /// Records every request line before any route sees it.

@@ -14,21 +14,24 @@ use std::time::Duration;
 use crate::cache::store::{Increment, Store, StoreError};
 use crate::metrics::Metrics;
 
-/// The four quantities the ledger tracks.
+/// The quantities the ledger tracks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     SavedTokens,
     SavedUsd,
     SpentTokens,
     SpentUsd,
+    /// Of `SpentUsd`, what went through the vendor's Batch API.
+    BatchSpentUsd,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::SavedTokens,
         Kind::SavedUsd,
         Kind::SpentTokens,
         Kind::SpentUsd,
+        Kind::BatchSpentUsd,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +40,7 @@ impl Kind {
             Kind::SavedUsd => "saved_usd",
             Kind::SpentTokens => "spent_tokens",
             Kind::SpentUsd => "spent_usd",
+            Kind::BatchSpentUsd => "batch_spent_usd",
         }
     }
 
@@ -51,6 +55,7 @@ impl Kind {
             Kind::SavedUsd => 1,
             Kind::SpentTokens => 2,
             Kind::SpentUsd => 3,
+            Kind::BatchSpentUsd => 4,
         }
     }
 
@@ -87,9 +92,12 @@ impl Account {
 /// Amounts not yet flushed, by tenant and model, in [`Kind::ALL`] order.
 /// Nested maps so that recording looks up by `&str` and allocates only for
 /// a tenant or model it has not seen since the last flush.
-type Tally = HashMap<String, HashMap<String, [f64; 4]>>;
+type Tally = HashMap<String, HashMap<String, Amounts>>;
 
-fn add_to(tally: &mut Tally, tenant: &str, model: &str, amounts: [f64; 4]) {
+/// One amount per [`Kind`], in [`Kind::ALL`] order.
+type Amounts = [f64; Kind::ALL.len()];
+
+fn add_to(tally: &mut Tally, tenant: &str, model: &str, amounts: Amounts) {
     let models = match tally.get_mut(tenant) {
         Some(models) => models,
         None => tally.entry(tenant.to_owned()).or_default(),
@@ -131,7 +139,17 @@ impl Ledger {
             saved_tokens as f64 * price / 1e6,
             spent_tokens as f64,
             spent_tokens as f64 * price / 1e6,
+            0.0,
         ];
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        add_to(&mut pending, tenant, model, amounts);
+    }
+
+    /// Of what [`Ledger::record`] counted as spent, `usd` went through the
+    /// vendor's Batch API.
+    pub fn record_batch(&self, tenant: &str, model: &str, usd: f64) {
+        let mut amounts = [0.0; Kind::ALL.len()];
+        amounts[Kind::BatchSpentUsd.index()] = usd;
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         add_to(&mut pending, tenant, model, amounts);
     }
@@ -182,7 +200,7 @@ impl Ledger {
         if result.is_err() {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
             for (account, amount) in batch {
-                let mut amounts = [0.0; 4];
+                let mut amounts = [0.0; Kind::ALL.len()];
                 amounts[account.kind.index()] = amount;
                 add_to(&mut pending, &account.tenant, &account.model, amounts);
             }
@@ -204,6 +222,7 @@ impl Ledger {
                 Kind::SavedUsd => &self.metrics.ledger_saved_usd,
                 Kind::SpentTokens => &self.metrics.ledger_spent_tokens,
                 Kind::SpentUsd => &self.metrics.ledger_spent_usd,
+                Kind::BatchSpentUsd => &self.metrics.ledger_batch_spent_usd,
             };
             gauge
                 .with_label_values(&[account.model.as_str(), account.tenant.as_str()])

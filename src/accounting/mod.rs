@@ -32,6 +32,8 @@ pub struct Accounting {
     ledger: Arc<Ledger>,
     /// USD per 1M tokens; looked up on every request that saved tokens.
     prices: foldhash::HashMap<String, f64>,
+    /// Through the Batch API ([`Settings::batch_price`]), by priced model.
+    batch_prices: foldhash::HashMap<String, f64>,
     labels: ModelLabels,
 }
 
@@ -51,7 +53,13 @@ impl Accounting {
         Accounting {
             metrics,
             ledger,
-            prices: settings.prices.clone().into_iter().collect(),
+            prices: settings.prices.models.clone().into_iter().collect(),
+            batch_prices: settings
+                .prices
+                .keys()
+                .chain(settings.batch_prices.keys())
+                .map(|m| (m.clone(), settings.batch_price(m)))
+                .collect(),
             labels: ModelLabels::new(known, settings.metrics.max_models),
         }
     }
@@ -69,40 +77,82 @@ impl Accounting {
         self.prices.get(model).copied().unwrap_or(0.0)
     }
 
+    /// USD per 1M tokens of `model` through the Batch API (0 when unpriced).
+    pub fn batch_price(&self, model: &str) -> f64 {
+        self.batch_prices.get(model).copied().unwrap_or(0.0)
+    }
+
     /// The vendor billed `tokens` for embedding `inputs` inputs of `model`.
     pub fn paid(&self, tenant: &str, model: &str, tokens: u64, inputs: usize) {
+        self.spent(tenant, model, tokens, inputs, self.price(model));
+    }
+
+    /// As [`Accounting::paid`], through the Batch API at its price: counted
+    /// in the spend like any other, and apart in
+    /// `embgate_upstream_batch_spent_usd_total` and the ledger's `batch_spent_usd`.
+    pub fn paid_batch(&self, tenant: &str, model: &str, tokens: u64, inputs: usize) {
+        let price = self.batch_price(model);
+        let label = self.spent(tenant, model, tokens, inputs, price);
+        let usd = tokens as f64 * price / 1e6;
+        self.metrics
+            .upstream_batch_spent_usd
+            .with_label_values(&[label.as_ref()])
+            .inc_by(usd);
+        self.ledger.record_batch(tenant, &label, usd);
+    }
+
+    fn spent(&self, tenant: &str, model: &str, tokens: u64, inputs: usize, price: f64) -> Arc<str> {
         let label = self.labels.learn(model);
-        let label = label.as_ref();
-        let price = self.price(model);
         let usd = tokens as f64 * price / 1e6;
         let m = &self.metrics;
-        m.upstream_tokens.with_label_values(&[label]).inc_by(tokens);
-        m.upstream_spent_usd.with_label_values(&[label]).inc_by(usd);
+        m.upstream_tokens
+            .with_label_values(&[&label])
+            .inc_by(tokens);
+        m.upstream_spent_usd
+            .with_label_values(&[&label])
+            .inc_by(usd);
         m.upstream_inputs
-            .with_label_values(&[label])
+            .with_label_values(&[&label])
             .inc_by(inputs as u64);
         m.tenant_spent_usd
-            .with_label_values(&[tenant, label])
+            .with_label_values(&[tenant, &label])
             .inc_by(usd);
-        self.ledger.record(tenant, label, 0, tokens, price);
+        self.ledger.record(tenant, &label, 0, tokens, price);
+        label
     }
 
     /// A request for `model` was answered with `outcome`.
     pub fn served(&self, tenant: &str, model: &str, outcome: &Outcome) {
-        let label = self.labels.learn(model);
-        let counters = self.metrics.request_counters(tenant, &label);
-        counters.tenant_requests.inc();
-        counters.hits.inc_by(outcome.hits as u64);
-        counters
-            .misses
-            .inc_by((outcome.distinct - outcome.hits) as u64);
+        let label = self.looked_up(
+            tenant,
+            model,
+            outcome.hits,
+            outcome.distinct - outcome.hits,
+            outcome.saved_tokens(),
+        );
         if outcome.coalesced > 0 {
             self.metrics
                 .coalesced_inputs
                 .with_label_values(&[&label])
                 .inc_by(outcome.coalesced as u64);
         }
-        let saved = outcome.saved_tokens();
+    }
+
+    /// A request's (or a warm batch's) distinct inputs of `model` were
+    /// looked up: `hits` found, `misses` not, `saved` tokens not paid for.
+    pub fn looked_up(
+        &self,
+        tenant: &str,
+        model: &str,
+        hits: usize,
+        misses: usize,
+        saved: u64,
+    ) -> Arc<str> {
+        let label = self.labels.learn(model);
+        let counters = self.metrics.request_counters(tenant, &label);
+        counters.tenant_requests.inc();
+        counters.hits.inc_by(hits as u64);
+        counters.misses.inc_by(misses as u64);
         if saved > 0 {
             let price = self.price(model);
             let usd = saved as f64 * price / 1e6;
@@ -112,6 +162,7 @@ impl Accounting {
             counters.tenant_saved_usd.inc_by(usd);
             self.ledger.record(tenant, &label, saved, 0, price);
         }
+        label
     }
 
     /// A request for `model` failed before it could be answered.

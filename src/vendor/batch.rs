@@ -104,7 +104,7 @@ impl Batch<'_> {
 /// Splits items (by weight = tokens) into consecutive ranges holding at most
 /// `max_inputs` items and `max_tokens` tokens; an item heavier than the
 /// token limit travels alone and the vendor decides.
-fn chunk(weights: &[u64], max_inputs: usize, max_tokens: u64) -> Vec<Range<usize>> {
+pub fn chunk(weights: &[u64], max_inputs: usize, max_tokens: u64) -> Vec<Range<usize>> {
     let mut chunks = Vec::new();
     let mut start = 0;
     let mut tokens = 0u64;

@@ -43,7 +43,8 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    fn is_retryable(&self) -> bool {
+    /// Worth trying again later: 429, 5xx, transport failures and timeouts.
+    pub fn is_retryable(&self) -> bool {
         match self {
             UpstreamError::Vendor { status, .. } => {
                 *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
@@ -202,6 +203,29 @@ impl Upstream {
         self.deployments.get(model).map_or(model, String::as_str)
     }
 
+    /// `path` of the Files and Batch APIs (`files`, `batches/{id}`...).
+    pub(super) fn batch_api_url(&self, path: &str) -> String {
+        match self.flavour {
+            Flavour::Openai => format!("{}/{path}", self.base_url),
+            Flavour::Azure => format!(
+                "{}/openai/{path}?api-version={}",
+                self.base_url, self.api_version
+            ),
+        }
+    }
+
+    /// The model a batch line names: for Azure, the deployment.
+    pub(super) fn batch_model<'a>(&'a self, model: &'a str) -> &'a str {
+        match self.flavour {
+            Flavour::Openai => model,
+            Flavour::Azure => self.deployment(model),
+        }
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        Duration::from_secs(self.settings.timeout_secs)
+    }
+
     /// Where embeddings of `model` are requested.
     pub fn embeddings_url(&self, model: &str) -> String {
         match self.flavour {
@@ -268,14 +292,37 @@ impl Upstream {
         let body = serde_json::to_vec(&RequestBody(call))
             .map_err(|e| UpstreamError::InvalidResponse(format!("encoding request: {e}")))?;
         let body = Bytes::from(body);
+        self.retrying(|| self.send_once(call, body.clone())).await
+    }
+
+    /// Runs `once` until it succeeds, fails for good, or the retry budget
+    /// (`upstream.max_retries`, `upstream.retry_deadline_secs`) is spent.
+    pub(super) async fn retrying<T, F, Fut>(&self, once: F) -> Result<T, UpstreamError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
+        self.retrying_when(once, UpstreamError::is_retryable).await
+    }
+
+    /// [`Upstream::retrying`], trying again only the failures `again` names.
+    pub(super) async fn retrying_when<T, F, Fut>(
+        &self,
+        mut once: F,
+        again: fn(&UpstreamError) -> bool,
+    ) -> Result<T, UpstreamError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
         let deadline = Instant::now() + Duration::from_secs(self.settings.retry_deadline_secs);
         let mut attempt = 0u32;
         loop {
-            let err = match self.send_once(call, body.clone()).await {
-                Ok(embeddings) => return Ok(embeddings),
+            let err = match once().await {
+                Ok(answer) => return Ok(answer),
                 Err(e) => e,
             };
-            if !err.is_retryable() || attempt >= self.settings.max_retries {
+            if !again(&err) || attempt >= self.settings.max_retries {
                 return Err(err);
             }
             let wait = err.retry_after().unwrap_or_else(|| backoff(attempt));
@@ -404,6 +451,49 @@ impl Serialize for Input {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_api_paths_follow_the_flavour() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let settings = crate::config::Settings::load_from(None, None).expect("defaults");
+        let azure = NamedUpstream {
+            base_url: "https://res.openai.azure.com/".into(),
+            api_key: "k".into(),
+            flavour: Flavour::Azure,
+            models: "m*".into(),
+            api_version: "2024-10-21".into(),
+            deployments: HashMap::from([("m1".to_owned(), "batch-dep".to_owned())]),
+        };
+        let http = reqwest::Client::new();
+        let u = Upstream::new(
+            "az",
+            http.clone(),
+            &azure.base_url,
+            &azure.api_key,
+            Some(&azure),
+            &settings.upstream,
+            &metrics,
+        );
+        assert_eq!(
+            u.batch_api_url("batches/b1"),
+            "https://res.openai.azure.com/openai/batches/b1?api-version=2024-10-21"
+        );
+        assert_eq!(u.batch_model("m1"), "batch-dep");
+        let o = Upstream::new(
+            "default",
+            http,
+            "https://api.openai.com/v1",
+            "",
+            None,
+            &settings.upstream,
+            &metrics,
+        );
+        assert_eq!(
+            o.batch_api_url("files/f1/content"),
+            "https://api.openai.com/v1/files/f1/content"
+        );
+        assert_eq!(o.batch_model("m1"), "m1");
+    }
 
     #[test]
     fn reads_retry_after() {

@@ -1,10 +1,12 @@
 //! The vendors: which upstream serves a model ([`Upstreams`]), the HTTP
 //! client of one upstream with its retries ([`client`]), the checks every
 //! answer passes before anything is trusted ([`response`]), how misses are
-//! split into calls within the vendor's limits ([`batch`]), and what each
-//! input costs in tokens ([`tokens`]).
+//! split into calls within the vendor's limits ([`batch`]), the Batch API
+//! for `embgate warm --batch-api` ([`batch_api`]), and what each input costs
+//! in tokens ([`tokens`]).
 
 pub mod batch;
+pub mod batch_api;
 mod client;
 mod response;
 pub mod tokens;

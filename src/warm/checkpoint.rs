@@ -11,7 +11,7 @@ use super::WarmError;
 pub(super) const CHECKPOINT_VERSION: u32 = 1;
 
 /// The progress file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub version: u32,
     /// Every line before this byte offset is done.
@@ -20,6 +20,27 @@ pub struct Checkpoint {
     pub lines: u64,
     /// The whole file was done (as long as it was then).
     pub complete: bool,
+    /// `--batch-api`: vendor batches submitted and not yet collected, so
+    /// that a rerun collects them instead of paying again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batches: Vec<Submitted>,
+}
+
+/// A vendor batch holding misses of the lines up to `window_end`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    /// The vendor's batch id.
+    pub id: String,
+    /// Byte offset just past the last line whose misses it may hold; the
+    /// lines start where the previous window (or the done prefix) ends.
+    pub window_end: u64,
+    /// 1-based, for reports.
+    pub first_line: u64,
+    pub last_line: u64,
+    pub model: String,
+    pub dimensions: Option<u32>,
+    /// Inputs it holds (one request each).
+    pub requests: u64,
 }
 
 /// Reads a checkpoint; `None` when there is none.
@@ -78,6 +99,8 @@ pub(super) struct Tracker {
     pub(super) lines: u64,
     /// Done out of order: (end offset, last line) by batch.
     ahead: BTreeMap<u64, (u64, u64)>,
+    /// Vendor batches submitted and not yet collected.
+    pub(super) submitted: Vec<Submitted>,
 }
 
 impl Tracker {
@@ -87,6 +110,18 @@ impl Tracker {
             offset: start.offset,
             lines: start.lines,
             ahead: BTreeMap::new(),
+            submitted: start.batches,
+        }
+    }
+
+    /// The checkpoint as things stand.
+    pub(super) fn checkpoint(&self, complete: bool) -> Checkpoint {
+        Checkpoint {
+            version: CHECKPOINT_VERSION,
+            offset: self.offset,
+            lines: self.lines,
+            complete,
+            batches: self.submitted.clone(),
         }
     }
 
@@ -115,6 +150,7 @@ mod tests {
             offset: 10,
             lines: 2,
             complete: false,
+            batches: Vec::new(),
         });
         assert!(!t.done(1, 30, 6));
         assert!(!t.done(2, 40, 8));

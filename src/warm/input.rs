@@ -139,6 +139,9 @@ pub(super) struct Batcher {
     /// The batch being filled.
     pub(super) open: Option<Batch>,
     pub(super) eof: bool,
+    /// A batch ends at this byte offset at the latest (a line boundary),
+    /// and reading stops there until it is moved.
+    pub(super) until: u64,
     pub(super) report: BadLines,
 }
 
@@ -147,6 +150,7 @@ impl Batcher {
     pub(super) async fn next(&mut self) -> std::io::Result<Option<Batch>> {
         loop {
             if self.eof
+                || self.offset >= self.until
                 || self
                     .open
                     .as_ref()

@@ -15,6 +15,7 @@
 //! atomically whenever that contiguous prefix grows, and says when the whole
 //! file is done. A rerun starts where the checkpoint ends.
 
+mod batch_api;
 mod checkpoint;
 mod error;
 mod input;
@@ -34,7 +35,8 @@ use crate::auth::Caller;
 use crate::cache::store::embedded::lock;
 use crate::config::{Settings, TenantCache};
 
-pub use checkpoint::{Checkpoint, read_checkpoint};
+pub use batch_api::status as batch_status;
+pub use checkpoint::{Checkpoint, Submitted, read_checkpoint};
 pub use error::{Stop, WarmError};
 pub use options::{
     CHECKPOINT_SUFFIX, DEFAULT_BATCH, DEFAULT_CONCURRENCY, DEFAULT_MODEL, DEFAULT_TENANT,
@@ -87,18 +89,18 @@ pub async fn warm_until(
         path: checkpoint_path.clone(),
         reason,
     };
-    if let Some(cp) = previous {
+    if let Some(cp) = &previous {
         if cp.offset > len {
             return Err(bad_checkpoint(format!(
                 "it covers {} bytes, the file now has {len}",
                 cp.offset
             )));
         }
-        if cp.offset == len {
+        if cp.offset == len && cp.batches.is_empty() {
             if !cp.complete {
                 let done = Checkpoint {
                     complete: true,
-                    ..cp
+                    ..cp.clone()
                 };
                 write_checkpoint(&checkpoint_path, &done)
                     .await
@@ -115,11 +117,18 @@ pub async fn warm_until(
             return Ok(summary);
         }
     }
-    let start = previous.unwrap_or(Checkpoint {
+    if previous.as_ref().is_some_and(|cp| !cp.batches.is_empty()) && !options.batch_api {
+        return Err(bad_checkpoint(
+            "it records vendor batches not yet collected: run with --batch-api to collect them"
+                .into(),
+        ));
+    }
+    let start = previous.clone().unwrap_or(Checkpoint {
         version: CHECKPOINT_VERSION,
         offset: 0,
         lines: 0,
         complete: false,
+        batches: Vec::new(),
     });
 
     let scan = {
@@ -170,7 +179,7 @@ pub async fn warm_until(
     file.seek(std::io::SeekFrom::Start(start.offset))
         .await
         .map_err(io_error)?;
-    let mut batcher = Batcher {
+    let batcher = Batcher {
         reader: BufReader::with_capacity(256 * 1024, file),
         offset: start.offset,
         line: start.lines,
@@ -189,6 +198,7 @@ pub async fn warm_until(
         seq: 0,
         open: None,
         eof: false,
+        until: u64::MAX,
         report: BadLines {
             bar: bar.clone(),
             file: path.clone(),
@@ -214,71 +224,30 @@ pub async fn warm_until(
             key: options.api_key.clone(),
         },
         policy: options.policy(),
+        lifetimes: settings.cache.clone(),
     };
-    let mut tracker = Tracker::new(start);
-    let mut tally = Tally::default();
-    let mut tasks: JoinSet<Result<Finished, Stop>> = JoinSet::new();
-    let mut stop: Option<Stop> = None;
-    let mut interrupt = std::pin::pin!(interrupt);
-    let mut interrupted = false;
-
-    loop {
-        while stop.is_none() && tasks.len() < options.concurrency {
-            if !interrupted && interrupt.as_mut().now_or_never().is_some() {
-                interrupted = true;
-                stop = Some(Stop::Interrupted);
-                break;
-            }
-            match batcher.next().await {
-                Ok(Some(batch)) if batch.inputs.is_empty() => {
-                    let done = Finished::empty(&batch);
-                    if let Err(cause) = tally
-                        .finish(done, &mut tracker, &checkpoint_path, &bar, &settings)
-                        .await
-                    {
-                        stop = Some(cause);
-                    }
-                }
-                Ok(Some(batch)) => {
-                    tasks.spawn(run.clone().embed(batch));
-                }
-                Ok(None) => break,
-                Err(source) => {
-                    stop = Some(Stop::Read {
-                        path: path.clone(),
-                        source,
-                    });
-                }
-            }
-        }
-        if tasks.is_empty() {
-            break;
-        }
-        tokio::select! {
-            joined = tasks.join_next() => {
-                let result = match joined {
-                    Some(Ok(result)) => result,
-                    Some(Err(e)) => Err(Stop::Internal(format!("batch task: {e}"))),
-                    None => continue,
-                };
-                let outcome = match result {
-                    Ok(done) => {
-                        tally
-                            .finish(done, &mut tracker, &checkpoint_path, &bar, &settings)
-                            .await
-                    }
-                    Err(cause) => Err(cause),
-                };
-                if let Err(cause) = outcome {
-                    stop.get_or_insert(cause);
-                }
-            }
-            () = &mut interrupt, if !interrupted => {
-                interrupted = true;
-                stop.get_or_insert(Stop::Interrupted);
-            }
-        }
-    }
+    let mut job = Job {
+        settings: &settings,
+        options,
+        checkpoint_path: checkpoint_path.clone(),
+        bar: bar.clone(),
+        batcher,
+        run,
+        tracker: Tracker::new(start),
+        tally: Tally::default(),
+        batch: batch_api::Totals::default(),
+    };
+    let stop = match options.batch_api {
+        true => batch_api::drive(&mut job, interrupt).await,
+        false => drive(&mut job, interrupt).await,
+    };
+    let Job {
+        mut batcher,
+        tracker,
+        tally,
+        batch,
+        ..
+    } = job;
     // What this run paid and saved belongs in the all-time ledger too.
     engine.finish(None).await;
     bar.finish_and_clear();
@@ -292,6 +261,11 @@ pub async fn warm_until(
     summary.usd_paid = tally.usd_paid;
     summary.usd_saved = tally.usd_saved;
     summary.embedded = tally.embedded;
+    summary.batches = batch.batches;
+    summary.batch_inputs = batch.inputs;
+    summary.batch_fallbacks = batch.fallbacks;
+    summary.batch_tokens = tally.batch_tokens;
+    summary.usd_batch_saved = tally.usd_batch_saved;
     summary.cached = summary.inputs.saturating_sub(summary.embedded);
     summary.unpriced_models = tally
         .models
@@ -309,12 +283,7 @@ pub async fn warm_until(
             summary: Box::new(summary),
         });
     }
-    let done = Checkpoint {
-        version: CHECKPOINT_VERSION,
-        offset: tracker.offset,
-        lines: tracker.lines,
-        complete: true,
-    };
+    let done = tracker.checkpoint(true);
     if let Err(source) = write_checkpoint(&checkpoint_path, &done).await {
         return Err(WarmError::Stopped {
             cause: Stop::CheckpointWrite {
@@ -328,16 +297,126 @@ pub async fn warm_until(
     Ok(summary)
 }
 
+/// A run under way: what reads the file, embeds, and counts.
+struct Job<'a> {
+    settings: &'a Settings,
+    options: &'a WarmOptions,
+    checkpoint_path: std::path::PathBuf,
+    bar: indicatif::ProgressBar,
+    batcher: Batcher,
+    run: Run,
+    tracker: Tracker,
+    tally: Tally,
+    /// `--batch-api` only.
+    batch: batch_api::Totals,
+}
+
+/// Sends every batch through the pipeline, `--concurrency` at once, until
+/// the file is done or something stops the run.
+async fn drive(job: &mut Job<'_>, interrupt: impl Future<Output = ()>) -> Option<Stop> {
+    let mut tasks: JoinSet<Result<Finished, Stop>> = JoinSet::new();
+    let mut stop: Option<Stop> = None;
+    let mut interrupt = std::pin::pin!(interrupt);
+    let mut interrupted = false;
+
+    loop {
+        while stop.is_none() && tasks.len() < job.options.concurrency {
+            if !interrupted && interrupt.as_mut().now_or_never().is_some() {
+                interrupted = true;
+                stop = Some(Stop::Interrupted);
+                break;
+            }
+            match job.batcher.next().await {
+                Ok(Some(batch)) if batch.inputs.is_empty() => {
+                    let done = Finished::empty(&batch);
+                    if let Err(cause) = job.finish(done).await {
+                        stop = Some(cause);
+                    }
+                }
+                Ok(Some(batch)) => {
+                    tasks.spawn(job.run.clone().embed(batch));
+                }
+                Ok(None) => break,
+                Err(source) => {
+                    stop = Some(Stop::Read {
+                        path: job.options.file.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        if tasks.is_empty() {
+            break;
+        }
+        tokio::select! {
+            joined = tasks.join_next() => {
+                let result = match joined {
+                    Some(Ok(result)) => result,
+                    Some(Err(e)) => Err(Stop::Internal(format!("batch task: {e}"))),
+                    None => continue,
+                };
+                let outcome = match result {
+                    Ok(done) => job.finish(done).await,
+                    Err(cause) => Err(cause),
+                };
+                if let Err(cause) = outcome {
+                    stop.get_or_insert(cause);
+                }
+            }
+            () = &mut interrupt, if !interrupted => {
+                interrupted = true;
+                stop.get_or_insert(Stop::Interrupted);
+            }
+        }
+    }
+    stop
+}
+
+impl Job<'_> {
+    /// Counts a done batch, and moves the checkpoint when the done prefix grew.
+    async fn finish(&mut self, done: Finished) -> Result<(), Stop> {
+        self.tally
+            .finish(
+                done,
+                &mut self.tracker,
+                &self.checkpoint_path,
+                &self.bar,
+                self.settings,
+            )
+            .await
+    }
+}
+
 /// `embgate warm`: runs, prints the summary on stdout and errors on stderr.
 /// A first SIGINT/SIGTERM lets the requests in flight finish; a second one
 /// quits at once (the checkpoint stays consistent either way).
 pub async fn cli(settings: &Settings, options: &WarmOptions) -> ExitCode {
+    if options.status {
+        return match batch_status(settings, options).await {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("embgate warm: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let batch_api = options.batch_api;
     let signals = tokio::spawn(async move {
         crate::signal::terminated().await;
-        eprintln!(
-            "embgate warm: interrupted; finishing the requests in flight (interrupt again to quit now)"
-        );
+        match batch_api {
+            true => eprintln!(
+                "embgate warm: interrupted; the batches submitted stay in the checkpoint, a rerun \
+                 with --batch-api collects them (interrupt again to quit now)"
+            ),
+            false => eprintln!(
+                "embgate warm: interrupted; finishing the requests in flight (interrupt again to \
+                 quit now)"
+            ),
+        }
         let _ = tx.send(());
         crate::signal::terminated().await;
         std::process::exit(130);

@@ -58,6 +58,14 @@ pub struct WarmOptions {
         value_parser = parse_api_key
     )]
     pub api_key: Option<ApiKey>,
+    /// Send the misses through the vendor's Batch API (half price, results
+    /// within 24 hours) instead of synchronous calls; see `[batch_api]`.
+    #[arg(long)]
+    pub batch_api: bool,
+    /// With `--batch-api`: show the state of the batches the checkpoint
+    /// records, and exit.
+    #[arg(long, requires = "batch_api")]
+    pub status: bool,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -94,6 +102,8 @@ impl WarmOptions {
             no_store: false,
             tenant: DEFAULT_TENANT.into(),
             api_key: None,
+            batch_api: false,
+            status: false,
             quiet: false,
         }
     }
@@ -123,6 +133,12 @@ impl WarmOptions {
         }
         if self.tenant.is_empty() {
             return invalid("--tenant must not be empty");
+        }
+        if self.status && !self.batch_api {
+            return invalid("--status goes with --batch-api");
+        }
+        if self.batch_api && self.no_store {
+            return invalid("--batch-api pays for vectors to store: not with --no-store");
         }
         Ok(())
     }

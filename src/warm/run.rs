@@ -13,13 +13,13 @@ use crate::accounting::Accounting;
 use crate::auth::Caller;
 use crate::cache::control::CachePolicy;
 use crate::cache::key::KeyHash;
-use crate::config::Settings;
+use crate::config::{CacheSettings, Settings};
 use crate::pipeline::{CallContext, Pipeline};
 use crate::protocol::{EmbeddingRequest, EncodingFormat};
 use crate::vendor::Upstreams;
 
 use super::Stop;
-use super::checkpoint::{CHECKPOINT_VERSION, Checkpoint, Tracker, write_checkpoint};
+use super::checkpoint::{Tracker, write_checkpoint};
 use super::input::Batch;
 
 /// Attempts at confirming that a batch's entries were stored.
@@ -53,21 +53,46 @@ pub(super) struct Run {
     pub(super) caller: Caller,
     /// `--refresh` and `--no-store`.
     pub(super) policy: CachePolicy,
+    /// How long entries live.
+    pub(super) lifetimes: CacheSettings,
 }
 
 /// A batch that is done: its inputs are in the cache.
 pub(super) struct Finished {
-    seq: u64,
-    end: u64,
-    last_line: u64,
-    lines: u64,
-    inputs: u64,
-    model: Option<String>,
-    prompt_tokens: u64,
-    upstream_tokens: u64,
-    saved_tokens: u64,
-    /// Distinct inputs the vendor embedded for this batch.
-    fetched: u64,
+    pub(super) seq: u64,
+    pub(super) end: u64,
+    pub(super) last_line: u64,
+    pub(super) lines: u64,
+    pub(super) inputs: u64,
+    /// What its inputs cost and saved, by model.
+    pub(super) spends: Vec<Spend>,
+}
+
+/// What some inputs of one model cost and saved.
+#[derive(Debug, Default)]
+pub(super) struct Spend {
+    pub(super) model: String,
+    /// Requests sent through the pipeline.
+    pub(super) requests: u64,
+    pub(super) prompt_tokens: u64,
+    /// Tokens billed by synchronous calls...
+    pub(super) upstream_tokens: u64,
+    /// ...and through the Batch API.
+    pub(super) batch_tokens: u64,
+    pub(super) saved_tokens: u64,
+    /// Distinct inputs the vendor embedded.
+    pub(super) fetched: u64,
+}
+
+impl Spend {
+    pub(super) fn add(&mut self, other: &Spend) {
+        self.requests += other.requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.upstream_tokens += other.upstream_tokens;
+        self.batch_tokens += other.batch_tokens;
+        self.saved_tokens += other.saved_tokens;
+        self.fetched += other.fetched;
+    }
 }
 
 impl Finished {
@@ -79,11 +104,7 @@ impl Finished {
             last_line: batch.last_line,
             lines: batch.lines(),
             inputs: 0,
-            model: None,
-            prompt_tokens: 0,
-            upstream_tokens: 0,
-            saved_tokens: 0,
-            fetched: 0,
+            spends: Vec::new(),
         }
     }
 }
@@ -143,27 +164,38 @@ impl Run {
         };
         self.accounting.served(&tenant, &request.model, &outcome);
         if self.policy.write {
-            self.verify_stored(&keys)
-                .await
-                .map_err(|reason| Stop::Store {
-                    first: first_line,
-                    last: last_line,
-                    reason,
-                })?;
+            self.verify_stored(&keys, first_line, last_line).await?;
         }
         done.inputs = request.inputs.len() as u64;
-        done.model = Some(request.model.clone());
-        done.prompt_tokens = outcome.prompt_tokens;
-        done.upstream_tokens = outcome.billed_tokens;
-        done.saved_tokens = outcome.saved_tokens();
-        done.fetched = outcome.fetched as u64;
+        done.spends.push(Spend {
+            model: request.model.clone(),
+            requests: 1,
+            prompt_tokens: outcome.prompt_tokens,
+            upstream_tokens: outcome.billed_tokens,
+            batch_tokens: 0,
+            saved_tokens: outcome.saved_tokens(),
+            fetched: outcome.fetched as u64,
+        });
         Ok(done)
     }
 
     /// The pipeline stores in the background and serves on when the store
     /// fails; a warm run must not count a batch as done before its entries
     /// are in the store.
-    async fn verify_stored(&self, keys: &[KeyHash]) -> Result<(), String> {
+    pub(super) async fn verify_stored(
+        &self,
+        keys: &[KeyHash],
+        first: u64,
+        last: u64,
+    ) -> Result<(), Stop> {
+        self.stored(keys).await.map_err(|reason| Stop::Store {
+            first,
+            last,
+            reason,
+        })
+    }
+
+    async fn stored(&self, keys: &[KeyHash]) -> Result<(), String> {
         self.pipeline.cache().settled().await;
         let store = self.pipeline.cache().store();
         let mut attempt = 0;
@@ -196,6 +228,10 @@ pub(super) struct Tally {
     pub(super) usd_paid: f64,
     pub(super) usd_saved: f64,
     pub(super) embedded: u64,
+    /// Of `tokens_paid`, billed through the Batch API...
+    pub(super) batch_tokens: u64,
+    /// ...and what that saved over synchronous prices.
+    pub(super) usd_batch_saved: f64,
     pub(super) models: BTreeSet<String>,
 }
 
@@ -211,17 +247,21 @@ impl Tally {
     ) -> Result<(), Stop> {
         self.lines += done.lines;
         self.inputs += done.inputs;
-        if let Some(model) = done.model {
-            let price = settings.prices.get(&model).copied().unwrap_or(0.0);
-            let saved = done.saved_tokens;
-            self.requests += 1;
-            self.embedded += done.fetched;
-            self.prompt_tokens += done.prompt_tokens;
-            self.tokens_paid += done.upstream_tokens;
-            self.tokens_saved += saved;
-            self.usd_paid += done.upstream_tokens as f64 * price / 1e6;
-            self.usd_saved += saved as f64 * price / 1e6;
-            self.models.insert(model);
+        for spend in done.spends {
+            let price = settings.prices.get(&spend.model).copied().unwrap_or(0.0);
+            let batch_price = settings.batch_price(&spend.model);
+            self.requests += spend.requests;
+            self.embedded += spend.fetched;
+            self.prompt_tokens += spend.prompt_tokens;
+            self.tokens_paid += spend.upstream_tokens + spend.batch_tokens;
+            self.tokens_saved += spend.saved_tokens;
+            self.batch_tokens += spend.batch_tokens;
+            self.usd_paid += (spend.upstream_tokens as f64 * price
+                + spend.batch_tokens as f64 * batch_price)
+                / 1e6;
+            self.usd_saved += spend.saved_tokens as f64 * price / 1e6;
+            self.usd_batch_saved += spend.batch_tokens as f64 * (price - batch_price) / 1e6;
+            self.models.insert(spend.model);
         }
         bar.inc(done.lines);
         bar.set_message(format!(
@@ -230,13 +270,7 @@ impl Tally {
             HumanCount(self.tokens_paid)
         ));
         if tracker.done(done.seq, done.end, done.last_line) {
-            let checkpoint = Checkpoint {
-                version: CHECKPOINT_VERSION,
-                offset: tracker.offset,
-                lines: tracker.lines,
-                complete: false,
-            };
-            write_checkpoint(checkpoint_path, &checkpoint)
+            write_checkpoint(checkpoint_path, &tracker.checkpoint(false))
                 .await
                 .map_err(|source| Stop::CheckpointWrite {
                     path: checkpoint_path.to_owned(),

@@ -39,9 +39,21 @@ pub struct WarmSummary {
     pub tokens_paid: u64,
     /// Tokens of the inputs minus those billed.
     pub tokens_saved: u64,
-    /// USD, at `settings.prices`.
+    /// USD, at `settings.prices` (and batch prices for batch tokens).
     pub usd_paid: f64,
     pub usd_saved: f64,
+    /// `--batch-api`: vendor batches collected...
+    pub batches: u64,
+    /// ...the inputs they embedded...
+    pub batch_inputs: u64,
+    /// ...and the tokens they billed (part of `tokens_paid`, at batch prices
+    /// in `usd_paid`).
+    pub batch_tokens: u64,
+    /// What those tokens would have cost more through synchronous calls.
+    pub usd_batch_saved: f64,
+    /// Inputs a batch did not answer (failed lines, an expired, failed or
+    /// cancelled batch), embedded by synchronous calls instead.
+    pub batch_fallbacks: u64,
     /// Models without a price in `settings.prices` (counted at 0 USD).
     pub unpriced_models: Vec<String>,
     /// Every line of the file is done.
@@ -91,6 +103,18 @@ impl fmt::Display for WarmSummary {
             Usd(self.usd_paid),
             Usd(self.usd_saved)
         )?;
+        if self.batches > 0 || self.batch_fallbacks > 0 {
+            writeln!(
+                f,
+                "  batch:    {} inputs through {} batches, {} tokens at batch prices: {} saved \
+                 over synchronous calls; {} fell back to synchronous calls",
+                self.batch_inputs,
+                self.batches,
+                self.batch_tokens,
+                Usd(self.usd_batch_saved),
+                self.batch_fallbacks
+            )?;
+        }
         if !self.unpriced_models.is_empty() {
             writeln!(
                 f,

@@ -717,3 +717,48 @@ impl Binary {
         self.child.wait().await.expect("reaped");
     }
 }
+
+/// A scratch directory for input files, and a store; both removed on drop.
+pub struct Scratch {
+    pub dir: std::path::PathBuf,
+    pub home: Arc<TestStore>,
+}
+
+impl Scratch {
+    pub fn new(backend: Backend) -> Scratch {
+        let home = Arc::new(TestStore::new(backend));
+        let dir = std::env::temp_dir().join(&home.prefix);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch { dir, home }
+    }
+
+    pub fn write(&self, name: &str, lines: &[String]) -> std::path::PathBuf {
+        let path = self.dir.join(name);
+        let mut text = lines.join("\n");
+        text.push('\n');
+        std::fs::write(&path, text).expect("write input file");
+        path
+    }
+
+    /// Settings for a run on this scratch's store; `store` overrides it.
+    pub fn settings(&self, vendor: &FakeVendor, store: &[(&str, String)]) -> Settings {
+        let env: HashMap<String, String> = [
+            ("EMBGATE__STORE__TIMEOUT_MS", "2000".to_owned()),
+            ("EMBGATE__UPSTREAM__BASE_URL", vendor.base_url()),
+            ("EMBGATE__AUTH__MODE", "open".to_owned()),
+            ("EMBGATE__UPSTREAM__API_KEY", "sk-test".to_owned()),
+        ]
+        .into_iter()
+        .chain(self.home.env())
+        .chain(store.iter().cloned())
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Settings::load_from(None, Some(env)).expect("test settings")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
