@@ -313,6 +313,34 @@ pub enum Flavour {
     Openai,
     /// Azure OpenAI: deployment paths, `api-version`, `api-key` header.
     Azure,
+    /// Cohere's own API (`POST {base_url}/v2/embed`), bearer key.
+    Cohere,
+    /// Voyage AI's own fields (`POST {base_url}/embeddings`), bearer key.
+    Voyage,
+    /// The Gemini API (`POST {base_url}/models/{model}:batchEmbedContents`),
+    /// `x-goog-api-key`.
+    Gemini,
+    /// Amazon Bedrock InvokeModel (`POST {base_url}/model/{id}/invoke`),
+    /// signed with SigV4 from the AWS environment variables.
+    Bedrock,
+}
+
+impl Flavour {
+    /// Whether the vendor speaks its own embeddings API rather than OpenAI's.
+    pub fn is_native(self) -> bool {
+        !matches!(self, Flavour::Openai | Flavour::Azure)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavour::Openai => "openai",
+            Flavour::Azure => "azure",
+            Flavour::Cohere => "cohere",
+            Flavour::Voyage => "voyage",
+            Flavour::Gemini => "gemini",
+            Flavour::Bedrock => "bedrock",
+        }
+    }
 }
 
 /// Routes other than `/v1/embeddings`, forwarded to the default vendor.

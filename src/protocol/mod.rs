@@ -2,12 +2,15 @@
 //! the vendor does, and writing responses without an intermediate JSON tree.
 
 mod floats;
+pub mod vendor;
 
 use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+
+pub use self::vendor::VendorParams;
 
 /// One input to embed, exactly as the caller sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,7 +47,18 @@ pub struct EmbeddingRequest {
     /// Fields OpenAI does not define but other vendors do (e.g. `input_type`).
     /// They are forwarded and, since they may change the vector, keyed on.
     /// Sorted by name; a repeated name keeps its last value, as in JSON.
+    /// For a native vendor: its [`VendorParams`], as canonical fields.
     pub extra: Vec<(String, Box<RawValue>)>,
+    /// What a native vendor is asked for (default for OpenAI's API).
+    pub vendor: VendorParams,
+}
+
+impl EmbeddingRequest {
+    /// The values an entry of this request holds: the dimensions, packed
+    /// eight a byte for bit outputs.
+    pub fn stored_dimensions(&self) -> Option<u32> {
+        self.dimensions.map(|d| self.vendor.output.stored_values(d))
+    }
 }
 
 /// Request-size limits enforced while parsing.
@@ -213,6 +227,7 @@ pub fn parse_request(body: &[u8], limits: Limits) -> Result<EmbeddingRequest, In
         dimensions,
         user,
         extra: sorted_last_wins(fields.extra),
+        vendor: VendorParams::default(),
     })
 }
 

@@ -8,6 +8,7 @@ pub mod batch;
 mod client;
 mod response;
 pub mod tokens;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::sync::Arc;

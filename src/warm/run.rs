@@ -126,6 +126,7 @@ impl Run {
             dimensions: group.dimensions,
             user: None,
             extra: Vec::new(),
+            vendor: Default::default(),
         });
         let keys = Pipeline::keys(&request, &ctx);
         let tenant = Arc::clone(&ctx.tenant);
