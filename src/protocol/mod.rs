@@ -2,6 +2,7 @@
 //! the vendor does, and writing responses without an intermediate JSON tree.
 
 mod floats;
+pub mod native;
 pub mod vendor;
 
 use std::fmt;
@@ -11,6 +12,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::value::RawValue;
 
 pub use self::vendor::VendorParams;
+use crate::cache::entry::ValueType;
 
 /// One input to embed, exactly as the caller sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -442,6 +444,10 @@ pub fn write_response<'a>(
 /// while it is written, instead of built whole in memory.
 pub struct EmbeddingResponse<V> {
     model: String,
+    /// How the stored values read: f32, or one byte each.
+    value_type: ValueType,
+    /// Voyage's usage (`total_tokens` only) rather than OpenAI's.
+    voyage: bool,
     vectors: Vec<V>,
     format: EncodingFormat,
     prompt_tokens: u64,
@@ -451,10 +457,19 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
     pub fn new(model: String, vectors: Vec<V>, format: EncodingFormat, prompt_tokens: u64) -> Self {
         EmbeddingResponse {
             model,
+            value_type: ValueType::F32,
+            voyage: false,
             vectors,
             format,
             prompt_tokens,
         }
+    }
+
+    /// As Voyage answers: values of `value_type`, its usage.
+    pub fn voyage(mut self, value_type: ValueType) -> Self {
+        self.value_type = value_type;
+        self.voyage = true;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -480,7 +495,8 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
         64 + match self.format {
             EncodingFormat::Base64 => bytes.div_ceil(3) * 4,
             // Nine-digit values average about 12.5 characters with the comma.
-            EncodingFormat::Float => bytes / 4 * 13,
+            EncodingFormat::Float if self.value_type == ValueType::F32 => bytes / 4 * 13,
+            EncodingFormat::Float => bytes * 5,
         }
     }
 
@@ -521,7 +537,10 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
             out.extend_from_slice(b",\"embedding\":");
             match self.format {
                 EncodingFormat::Base64 => write_base64(out, vector.as_ref()),
-                EncodingFormat::Float => write_floats(out, vector.as_ref()),
+                EncodingFormat::Float => match self.value_type {
+                    ValueType::F32 => write_floats(out, vector.as_ref()),
+                    other => write_bytes(out, vector.as_ref(), other),
+                },
             }
             out.push(b'}');
         }
@@ -531,9 +550,13 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
             if serde_json::to_writer(&mut *out, &self.model).is_err() {
                 out.extend_from_slice(b"\"\"");
             }
-            out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
-            out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
-            out.extend_from_slice(b",\"total_tokens\":");
+            if self.voyage {
+                out.extend_from_slice(b",\"usage\":{\"total_tokens\":");
+            } else {
+                out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
+                out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
+                out.extend_from_slice(b",\"total_tokens\":");
+            }
             out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
             out.extend_from_slice(b"}}");
         }
@@ -562,6 +585,27 @@ fn write_floats(out: &mut Vec<u8>, bytes: &[u8]) {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
     floats::write_array(out, values);
+}
+
+/// One-byte values as JSON integers: signed for int8 and binary.
+pub fn write_bytes(out: &mut Vec<u8>, bytes: &[u8], value_type: ValueType) {
+    let signed = matches!(value_type, ValueType::Int8 | ValueType::Binary);
+    out.push(b'[');
+    for (i, b) in bytes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let v = if signed {
+            i64::from(*b as i8)
+        } else {
+            i64::from(*b)
+        };
+        if v < 0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(itoa(v.unsigned_abs(), &mut [0u8; 20]));
+    }
+    out.push(b']');
 }
 
 /// Formats an unsigned integer into `buf` without allocating.

@@ -1,0 +1,281 @@
+//! Native vendors (Cohere, Voyage, Gemini) behind the gateway, against their
+//! fakes: OpenAI's format in and the vendor's own API out, and the vendors'
+//! own APIs in. Vectors exact on miss and hit, only misses sent, vendor
+//! parameters keyed, errors passed through and never cached, savings counted.
+
+mod common;
+
+use common::{TestGateway, header, text, vectors};
+use fake_vendor::{FakeVendor, Fault, native_embedding, native_tokens, quantize};
+use serde_json::{Value, json};
+
+const COHERE: &str = "embed-v4.0";
+const VOYAGE: &str = "voyage-3.5";
+const GEMINI: &str = "gemini-embedding-001";
+
+/// A gateway whose `embed-*`, `voyage-*` and `gemini-*` models go to the
+/// fake's Cohere, Voyage and Gemini APIs, paid by the gateway's keys.
+async fn gateway(extra: &[(&str, &str)]) -> TestGateway {
+    let vendor = FakeVendor::start().await;
+    let (cohere, voyage, gemini) = (
+        vendor.cohere_url(),
+        vendor.voyage_url(),
+        vendor.gemini_url(),
+    );
+    let mut env: Vec<(&str, &str)> = vec![
+        ("EMBGATE__AUTH__MODE", "open"),
+        ("EMBGATE__UPSTREAM__API_KEY", "sk-openai"),
+        ("EMBGATE__UPSTREAM__MAX_RETRIES", "0"),
+        ("EMBGATE__UPSTREAMS__COHERE__BASE_URL", &cohere),
+        ("EMBGATE__UPSTREAMS__COHERE__FLAVOUR", "cohere"),
+        ("EMBGATE__UPSTREAMS__COHERE__MODELS", "embed-*"),
+        ("EMBGATE__UPSTREAMS__COHERE__API_KEY", "co-key"),
+        ("EMBGATE__UPSTREAMS__VOYAGE__BASE_URL", &voyage),
+        ("EMBGATE__UPSTREAMS__VOYAGE__FLAVOUR", "voyage"),
+        ("EMBGATE__UPSTREAMS__VOYAGE__MODELS", "voyage-*"),
+        ("EMBGATE__UPSTREAMS__VOYAGE__API_KEY", "pa-key"),
+        ("EMBGATE__UPSTREAMS__GEMINI__BASE_URL", &gemini),
+        ("EMBGATE__UPSTREAMS__GEMINI__FLAVOUR", "gemini"),
+        ("EMBGATE__UPSTREAMS__GEMINI__MODELS", "gemini-*"),
+        ("EMBGATE__UPSTREAMS__GEMINI__API_KEY", "goog-key"),
+    ];
+    env.extend_from_slice(extra);
+    TestGateway::start_with(vendor, &env).await
+}
+
+fn native(model: &str, input_type: &str, t: &str, dims: Option<u32>) -> Vec<f32> {
+    native_embedding(model, input_type, t, dims).expect("known model")
+}
+
+fn saved_tokens(model: &str) -> String {
+    format!("embgate_cache_saved_tokens_total{{model=\"{model}\"}}")
+}
+
+#[tokio::test]
+async fn cohere_in_openai_format_is_exact_on_miss_and_hit() {
+    let gw = gateway(&[]).await;
+    let body =
+        json!({"model": COHERE, "input": ["alpha beta", "gamma"], "input_type": "search_query"});
+    let (cache, miss) = gw.embed(&body).await;
+    assert_eq!(cache, "miss");
+    let want: Vec<Vec<f32>> = ["alpha beta", "gamma"]
+        .iter()
+        .map(|t| native(COHERE, "search_query", t, None))
+        .collect();
+    assert_eq!(vectors(&miss), want);
+    let tokens = native_tokens("alpha beta") + native_tokens("gamma");
+    assert_eq!(miss["usage"]["prompt_tokens"], tokens);
+    gw.settled().await;
+
+    let (cache, hit) = gw.embed(&body).await;
+    assert_eq!(cache, "hit");
+    assert_eq!(vectors(&hit), want);
+    assert_eq!(hit["usage"]["prompt_tokens"], tokens);
+    assert_eq!(gw.vendor.times_embedded(COHERE, None, &text("gamma")), 1);
+    assert_eq!(gw.metric(&saved_tokens(COHERE)).await, tokens as f64);
+    let usd = format!("embgate_cache_saved_usd_total{{model=\"{COHERE}\"}}");
+    assert!((gw.metric(&usd).await - tokens as f64 * 0.12 / 1e6).abs() < 1e-12);
+    // The gateway's Cohere key paid, as a bearer token.
+    let sent = gw.vendor.embedding_requests();
+    assert_eq!(sent[0].authorization.as_deref(), Some("Bearer co-key"));
+}
+
+#[tokio::test]
+async fn cohere_partial_batches_send_only_misses() {
+    let gw = gateway(&[]).await;
+    gw.embed(&json!({"model": COHERE, "input": ["one", "two"]}))
+        .await;
+    gw.settled().await;
+    let (cache, body) = gw
+        .embed(&json!({"model": COHERE, "input": ["two", "three", "one", "three"]}))
+        .await;
+    assert_eq!(cache, "partial");
+    let want: Vec<Vec<f32>> = ["two", "three", "one", "three"]
+        .iter()
+        .map(|t| native(COHERE, "search_document", t, None))
+        .collect();
+    assert_eq!(vectors(&body), want);
+    let sent = gw.vendor.embedding_requests();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1].inputs, vec![text("three")]);
+}
+
+#[tokio::test]
+async fn vendor_parameters_change_the_key() {
+    let gw = gateway(&[]).await;
+    let ask = |extra: Value| {
+        let mut body = json!({"model": COHERE, "input": "same text"});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let (_, doc) = gw.embed(&ask(json!({}))).await;
+    gw.settled().await;
+    // Cohere's defaults written out key as the absent values do.
+    let (cache, explicit) = gw
+        .embed(&ask(
+            json!({"input_type": "search_document", "truncate": "END"}),
+        ))
+        .await;
+    assert_eq!(cache, "hit");
+    assert_eq!(vectors(&explicit), vectors(&doc));
+    let (cache, query) = gw.embed(&ask(json!({"input_type": "search_query"}))).await;
+    assert_eq!(cache, "miss");
+    assert_ne!(vectors(&query), vectors(&doc));
+    let (cache, short) = gw.embed(&ask(json!({"dimensions": 256}))).await;
+    assert_eq!(cache, "miss");
+    assert_eq!(
+        vectors(&short)[0],
+        native(COHERE, "search_document", "same text", Some(256))
+    );
+    let (cache, _) = gw.embed(&ask(json!({"truncate": "START"}))).await;
+    assert_eq!(cache, "miss");
+    // What Cohere does not take is refused before anything is paid.
+    for bad in [
+        json!({"input_type": "query"}),
+        json!({"embedding_types": ["int8"]}),
+        json!({"input": [[1, 2]]}),
+        json!({"colour": "red"}),
+    ] {
+        let response = gw.post(&ask(bad.clone())).await;
+        assert_eq!(response.status(), 400, "{bad}");
+        let error: Value = response.json().await.expect("json");
+        assert!(error["error"]["message"].is_string(), "{error}");
+    }
+    assert_eq!(gw.vendor.embedding_requests().len(), 4);
+}
+
+#[tokio::test]
+async fn vendor_errors_pass_through_and_are_not_cached() {
+    let gw = gateway(&[]).await;
+    let body = json!({"model": COHERE, "input": ["x y"]});
+    gw.vendor.push_fault(Fault::Status {
+        status: 429,
+        retry_after_secs: Some(3),
+    });
+    let response = gw.post(&body).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "retry-after"), "3");
+    let error: Value = response.json().await.expect("json");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("per minute request limit")),
+        "{error}"
+    );
+    gw.vendor.push_fault(Fault::WrongCount);
+    assert_eq!(gw.post(&body).await.status(), 502);
+    gw.settled().await;
+    assert!(gw.entries().await.is_empty(), "nothing broken is kept");
+    let (cache, ok) = gw.embed(&body).await;
+    assert_eq!(cache, "miss");
+    assert_eq!(
+        vectors(&ok)[0],
+        native(COHERE, "search_document", "x y", None)
+    );
+}
+
+#[tokio::test]
+async fn voyage_speaks_its_own_fields_on_the_shared_path() {
+    let gw = gateway(&[]).await;
+    let body = json!({
+        "model": VOYAGE, "input": ["first doc", "second"], "input_type": "document",
+        "truncation": true, "output_dimension": 256, "output_dtype": "int8",
+        "encoding_format": null,
+    });
+    let (cache, miss) = gw.embed(&body).await;
+    assert_eq!(cache, "miss");
+    let ints = |t: &str| -> Value {
+        json!(quantize(&native(VOYAGE, "document", t, Some(256)), "int8").expect("int8"))
+    };
+    assert_eq!(miss["data"][0]["embedding"], ints("first doc"));
+    assert_eq!(miss["data"][1]["embedding"], ints("second"));
+    let tokens = native_tokens("first doc") + native_tokens("second");
+    assert_eq!(miss["usage"], json!({"total_tokens": tokens}));
+    gw.settled().await;
+    let (cache, hit) = gw.embed(&body).await;
+    assert_eq!(cache, "hit");
+    assert_eq!(hit["data"], miss["data"]);
+
+    // Floats (the default type, as base64 like the SDK asks) key apart.
+    let floats = json!({"model": VOYAGE, "input": "first doc", "input_type": "document",
+        "output_dimension": 256, "encoding_format": "base64"});
+    let (cache, f) = gw.embed(&floats).await;
+    assert_eq!(cache, "miss");
+    assert_eq!(
+        vectors(&f)[0],
+        native(VOYAGE, "document", "first doc", Some(256))
+    );
+    assert_eq!(gw.metric(&saved_tokens(VOYAGE)).await, tokens as f64);
+
+    // Voyage's callers get Voyage's errors.
+    let response = gw
+        .post(&json!({"model": VOYAGE, "input": "x", "input_type": "query!"}))
+        .await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.expect("json");
+    assert!(error["detail"].is_string(), "{error}");
+    gw.vendor.push_fault(Fault::Status {
+        status: 429,
+        retry_after_secs: None,
+    });
+    let response = gw.post(&json!({"model": VOYAGE, "input": "limited"})).await;
+    assert_eq!(response.status(), 429);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(
+        error["detail"],
+        "You have exceeded your rate limit. Please slow down."
+    );
+}
+
+#[tokio::test]
+async fn gemini_in_openai_format_estimates_tokens() {
+    let gw = gateway(&[]).await;
+    let body = json!({"model": GEMINI, "input": ["twelve chars", "abc"],
+        "task_type": "RETRIEVAL_QUERY", "dimensions": 768});
+    let (cache, miss) = gw.embed(&body).await;
+    assert_eq!(cache, "miss");
+    let want: Vec<Vec<f32>> = ["twelve chars", "abc"]
+        .iter()
+        .map(|t| native(GEMINI, "RETRIEVAL_QUERY", t, Some(768)))
+        .collect();
+    assert_eq!(vectors(&miss), want);
+    // No usage from the API: four characters a token, at least one a text.
+    assert_eq!(miss["usage"]["prompt_tokens"], 3 + 1);
+    gw.settled().await;
+    let (cache, hit) = gw.embed(&body).await;
+    assert_eq!(cache, "hit");
+    assert_eq!(vectors(&hit), want);
+    assert_eq!(gw.metric(&saved_tokens(GEMINI)).await, 4.0);
+    let sent = gw.vendor.requests_seen();
+    assert!(
+        sent.iter().any(
+            |l| l == "POST /v1beta/models/gemini%2Dembedding%2D001:batchEmbedContents"
+                || l == "POST /v1beta/models/gemini-embedding-001:batchEmbedContents"
+        ),
+        "{sent:?}"
+    );
+    let (cache, _) = gw
+        .embed(
+            &json!({"model": GEMINI, "input": "abc", "task_type": "CLUSTERING", "dimensions": 768}),
+        )
+        .await;
+    assert_eq!(cache, "miss");
+}
+
+#[tokio::test]
+async fn cohere_calls_stay_within_its_batch_limit() {
+    let gw = gateway(&[]).await;
+    let inputs: Vec<String> = (0..200).map(|i| format!("text {i}")).collect();
+    let (_, body) = gw.embed(&json!({"model": COHERE, "input": inputs})).await;
+    assert_eq!(vectors(&body).len(), 200);
+    let sizes: Vec<usize> = gw
+        .vendor
+        .embedding_requests()
+        .iter()
+        .map(|r| r.inputs.len())
+        .collect();
+    assert!(sizes.iter().all(|n| *n <= 96), "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 200);
+}
