@@ -24,6 +24,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("Method not allowed: use {0}.")]
     MethodNotAllowed(&'static str),
+    #[error("model '{model}' is not served by a {api} upstream of this gateway.")]
+    ModelNotServed { model: String, api: &'static str },
     #[error(transparent)]
     Embed(#[from] EmbedError),
     #[error(transparent)]
@@ -109,6 +111,13 @@ impl IntoResponse for ApiError {
                 &message,
                 None,
                 Some("unknown_url"),
+            ),
+            ApiError::ModelNotServed { .. } => openai_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                &message,
+                Some("model"),
+                Some("model_not_found"),
             ),
             ApiError::MethodNotAllowed(_) => openai_error(
                 StatusCode::METHOD_NOT_ALLOWED,

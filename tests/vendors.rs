@@ -47,6 +47,22 @@ fn native(model: &str, input_type: &str, t: &str, dims: Option<u32>) -> Vec<f32>
     native_embedding(model, input_type, t, dims).expect("known model")
 }
 
+/// The vectors of a JSON list of lists of numbers, read as f32.
+fn floats(value: &Value) -> Vec<Vec<f32>> {
+    value
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|v| {
+            v.as_array()
+                .expect("a vector")
+                .iter()
+                .map(|x| x.as_f64().expect("a number") as f32)
+                .collect()
+        })
+        .collect()
+}
+
 fn saved_tokens(model: &str) -> String {
     format!("embgate_cache_saved_tokens_total{{model=\"{model}\"}}")
 }
@@ -278,4 +294,209 @@ async fn cohere_calls_stay_within_its_batch_limit() {
         .collect();
     assert!(sizes.iter().all(|n| *n <= 96), "{sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>(), 200);
+}
+
+/// POST `path` on the gateway with `headers`, expecting JSON back.
+async fn call(
+    gw: &TestGateway,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (u16, String, Value) {
+    let mut req = gw.http.post(format!("{}{path}", gw.url)).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = req.send().await.expect("answers");
+    let status = response.status().as_u16();
+    let cache = header(&response, "x-embgate-cache");
+    (status, cache, response.json().await.expect("json body"))
+}
+
+#[tokio::test]
+async fn cohere_own_api_serves_each_type_as_sent() {
+    let gw = gateway(&[]).await;
+    let bearer = [("authorization", "Bearer client")];
+    let body = json!({"model": COHERE, "texts": ["hello there", "bye"], "input_type": "search_query",
+        "embedding_types": ["float", "int8", "ubinary"], "output_dimension": 256});
+    let (status, cache, miss) = call(&gw, "/v2/embed", &bearer, &body).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"), "{miss}");
+    let want: Vec<Vec<f32>> = ["hello there", "bye"]
+        .iter()
+        .map(|t| native(COHERE, "search_query", t, Some(256)))
+        .collect();
+    assert_eq!(floats(&miss["embeddings"]["float"]), want);
+    for t in ["int8", "ubinary"] {
+        let ints: Vec<Vec<i64>> = want.iter().map(|v| quantize(v, t).expect("type")).collect();
+        assert_eq!(miss["embeddings"][t], json!(ints), "{t}");
+    }
+    let tokens = native_tokens("hello there") + native_tokens("bye");
+    assert_eq!(miss["meta"]["billed_units"]["input_tokens"], tokens);
+    assert_eq!(miss["texts"], json!(["hello there", "bye"]));
+    gw.settled().await;
+
+    let (_, cache, hit) = call(&gw, "/v2/embed", &bearer, &body).await;
+    assert_eq!(cache, "hit");
+    assert_eq!(hit["embeddings"], miss["embeddings"]);
+    // Stored as sent: a float entry of 256 values, an int8 one of 256 bytes,
+    // a ubinary one of 32.
+    assert_eq!(gw.entries().await.len(), 6);
+    // The same call in OpenAI's format shares the float entries.
+    let (cache, openai) = gw
+        .embed(&json!({"model": COHERE, "input": ["bye"], "input_type": "search_query", "dimensions": 256}))
+        .await;
+    assert_eq!(cache, "hit");
+    assert_eq!(vectors(&openai)[0], want[1]);
+    assert_eq!(gw.vendor.times_embedded(COHERE, Some(256), &text("bye")), 3);
+}
+
+#[tokio::test]
+async fn cohere_own_api_answers_errors_as_cohere() {
+    let gw = gateway(&[]).await;
+    let bearer = [("authorization", "Bearer client")];
+    let (status, _, error) = call(
+        &gw,
+        "/v2/embed",
+        &bearer,
+        &json!({"model": COHERE, "texts": ["a"]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("input_type")),
+        "{error}"
+    );
+    assert!(error["id"].is_string());
+    let (status, _, error) = call(
+        &gw,
+        "/v2/embed",
+        &bearer,
+        &json!({"model": "voyage-3.5", "texts": ["a"], "input_type": "search_query"}),
+    )
+    .await;
+    assert_eq!(status, 404, "{error}");
+    gw.vendor.push_fault(Fault::Status {
+        status: 429,
+        retry_after_secs: None,
+    });
+    let body = json!({"model": COHERE, "texts": ["a"], "input_type": "search_query"});
+    let (status, _, error) = call(&gw, "/v2/embed", &bearer, &body).await;
+    assert_eq!(status, 429);
+    // Cohere's own body, as Cohere sent it.
+    assert_eq!(
+        error["message"],
+        "You are past the per minute request limit, please wait and try again later."
+    );
+    gw.settled().await;
+    assert!(gw.entries().await.is_empty());
+}
+
+#[tokio::test]
+async fn gemini_own_api_batches_and_single_calls() {
+    let gw = gateway(&[]).await;
+    let key = [("x-goog-api-key", "client")];
+    let request = |t: &str, task: Option<&str>| {
+        let mut r = json!({"model": format!("models/{GEMINI}"), "content": {"parts": [{"text": t}]},
+            "outputDimensionality": 128});
+        if let Some(task) = task {
+            r["taskType"] = json!(task);
+        }
+        r
+    };
+    let batch = json!({"requests": [request("one", Some("RETRIEVAL_DOCUMENT")), request("two", None),
+        request("three", Some("RETRIEVAL_DOCUMENT"))]});
+    let path = format!("/v1beta/models/{GEMINI}:batchEmbedContents");
+    let (status, cache, miss) = call(&gw, &path, &key, &batch).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"), "{miss}");
+    let want = [
+        native(GEMINI, "RETRIEVAL_DOCUMENT", "one", Some(128)),
+        native(GEMINI, "", "two", Some(128)),
+        native(GEMINI, "RETRIEVAL_DOCUMENT", "three", Some(128)),
+    ];
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(
+            &floats(&json!([miss["embeddings"][i]["values"]]))[0],
+            w,
+            "{i}"
+        );
+    }
+    gw.settled().await;
+    // The google-genai SDK with a custom base URL calls /v1.
+    let path_v1 = format!("/v1/models/{GEMINI}:batchEmbedContents");
+    let (_, cache, hit) = call(&gw, &path_v1, &key, &batch).await;
+    assert_eq!(cache, "hit");
+    assert_eq!(hit, miss);
+    // `:embedContent`, the key in the query.
+    let single = json!({"content": {"parts": [{"text": "two"}]}, "outputDimensionality": 128});
+    let path = format!("/v1beta/models/{GEMINI}:embedContent?key=client");
+    let (status, cache, one) = call(&gw, &path, &[], &single).await;
+    assert_eq!((status, cache.as_str()), (200, "hit"), "{one}");
+    assert_eq!(floats(&json!([one["embedding"]["values"]]))[0], want[1]);
+    assert_eq!(gw.vendor.embedding_requests().len(), 2);
+    // The gateway's own key paid.
+    assert!(
+        gw.vendor
+            .requests_seen()
+            .iter()
+            .all(|l| !l.contains("key="))
+    );
+
+    let bad = json!({"requests": [{"content": {"parts": [{"text": "x"}]}, "taskType": "NOPE"}]});
+    let path = format!("/v1beta/models/{GEMINI}:batchEmbedContents");
+    let (status, _, error) = call(&gw, &path, &key, &bad).await;
+    assert_eq!(status, 400);
+    assert_eq!(error["error"]["status"], "INVALID_ARGUMENT", "{error}");
+    gw.vendor.push_fault(Fault::Status {
+        status: 429,
+        retry_after_secs: None,
+    });
+    let (status, _, error) = call(
+        &gw,
+        &path,
+        &key,
+        &json!({"requests": [request("new", None)]}),
+    )
+    .await;
+    assert_eq!(status, 429);
+    assert_eq!(error["error"]["status"], "RESOURCE_EXHAUSTED", "{error}");
+    // Other model methods still pass through.
+    let get = gw.get(&format!("/v1/models/{GEMINI}")).await;
+    assert_ne!(get.status(), 405);
+}
+
+#[tokio::test]
+async fn forward_mode_checks_the_callers_key_with_the_vendor() {
+    let vendor = common::vendor_accepting(&["co-good"]).await;
+    let cohere = vendor.cohere_url();
+    let env = [
+        ("EMBGATE__AUTH__MODE", "forward"),
+        ("EMBGATE__UPSTREAMS__COHERE__BASE_URL", cohere.as_str()),
+        ("EMBGATE__UPSTREAMS__COHERE__FLAVOUR", "cohere"),
+        ("EMBGATE__UPSTREAMS__COHERE__MODELS", "embed-*"),
+    ];
+    let gw = TestGateway::start_with(vendor, &env).await;
+    let body = json!({"model": COHERE, "texts": ["k"], "input_type": "search_query"});
+    let (status, _, error) = call(
+        &gw,
+        "/v2/embed",
+        &[("authorization", "Bearer co-bad")],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 401, "{error}");
+    assert!(error["message"].is_string(), "{error}");
+    let (status, _, ok) = call(
+        &gw,
+        "/v2/embed",
+        &[("authorization", "Bearer co-good")],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{ok}");
+    let sent = gw.vendor.embedding_requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].authorization.as_deref(), Some("Bearer co-good"));
+    assert_eq!(gw.vendor.key_checks().len(), 2);
 }

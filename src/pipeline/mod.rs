@@ -39,9 +39,10 @@ pub enum EmbedError {
     Internal(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CacheStatus {
     /// Nothing was fetched from the vendor for this request.
+    #[default]
     Hit,
     /// Every distinct input was fetched from the vendor.
     Miss,

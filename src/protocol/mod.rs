@@ -1,7 +1,9 @@
 //! OpenAI's embeddings wire format: parsing and validating requests the way
 //! the vendor does, and writing responses without an intermediate JSON tree.
 
+pub mod cohere;
 mod floats;
+pub mod gemini;
 pub mod native;
 pub mod vendor;
 
@@ -75,6 +77,15 @@ pub struct Limits {
     /// Longest model name, in bytes of UTF-8.
     pub max_model_bytes: usize,
 }
+
+/// Limits for the parsers' unit tests.
+#[cfg(test)]
+pub(crate) const TEST_LIMITS: Limits = Limits {
+    max_inputs: 96,
+    max_input_bytes: 1024,
+    max_extra_fields: 16,
+    max_model_bytes: 64,
+};
 
 /// A request the vendor would refuse; becomes a 400 `invalid_request_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -537,10 +548,7 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
             out.extend_from_slice(b",\"embedding\":");
             match self.format {
                 EncodingFormat::Base64 => write_base64(out, vector.as_ref()),
-                EncodingFormat::Float => match self.value_type {
-                    ValueType::F32 => write_floats(out, vector.as_ref()),
-                    other => write_bytes(out, vector.as_ref(), other),
-                },
+                EncodingFormat::Float => write_values(out, vector.as_ref(), self.value_type),
             }
             out.push(b'}');
         }
@@ -585,6 +593,14 @@ fn write_floats(out: &mut Vec<u8>, bytes: &[u8]) {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
     floats::write_array(out, values);
+}
+
+/// Stored values as a JSON array of numbers.
+pub fn write_values(out: &mut Vec<u8>, bytes: &[u8], value_type: ValueType) {
+    match value_type {
+        ValueType::F32 => write_floats(out, bytes),
+        other => write_bytes(out, bytes, other),
+    }
 }
 
 /// One-byte values as JSON integers: signed for int8 and binary.

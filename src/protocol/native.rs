@@ -214,12 +214,7 @@ mod tests {
     use super::*;
     use crate::protocol::{Limits, parse_request};
 
-    const LIMITS: Limits = Limits {
-        max_inputs: 16,
-        max_input_bytes: 1024,
-        max_extra_fields: 16,
-        max_model_bytes: 64,
-    };
+    const LIMITS: Limits = crate::protocol::TEST_LIMITS;
 
     fn adopted(flavour: Flavour, body: &str) -> Result<EmbeddingRequest, InvalidRequest> {
         let mut req = parse_request(body.as_bytes(), LIMITS).expect("valid OpenAI body");

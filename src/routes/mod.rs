@@ -3,6 +3,7 @@
 
 mod admin;
 mod limits;
+mod native;
 mod track;
 
 use std::sync::Arc;
@@ -71,6 +72,18 @@ pub fn router(state: AppState, max_requests_in_flight: usize) -> Router {
         .route(
             "/v1/embeddings",
             post(embeddings).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
+        )
+        .route(
+            "/v2/embed",
+            post(native::cohere).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
+        )
+        .route(
+            "/v1beta/models/{spec}",
+            post(native::gemini).fallback(passthrough::forward),
+        )
+        .route(
+            "/v1/models/{spec}",
+            post(native::gemini).fallback(passthrough::forward),
         )
         .fallback(passthrough::forward)
         // Only on the routes above: health and metrics must answer while
@@ -168,6 +181,7 @@ pub(crate) async fn embed(
 }
 
 /// What the `x-embgate-*` headers say about a served request.
+#[derive(Default)]
 pub(crate) struct CacheMarks {
     cache: CacheStatus,
     upstream_tokens: u64,
@@ -184,6 +198,22 @@ impl CacheMarks {
             misses: outcome.distinct - outcome.hits,
         };
         (outcome.entries, marks)
+    }
+
+    /// The marks of a request served in several passes.
+    pub(crate) fn merge(before: Option<CacheMarks>, next: CacheMarks) -> CacheMarks {
+        let Some(before) = before else { return next };
+        let cache = if before.cache == next.cache {
+            next.cache
+        } else {
+            CacheStatus::Partial
+        };
+        CacheMarks {
+            cache,
+            upstream_tokens: before.upstream_tokens + next.upstream_tokens,
+            hits: before.hits + next.hits,
+            misses: before.misses + next.misses,
+        }
     }
 }
 

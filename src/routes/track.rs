@@ -21,8 +21,11 @@ use crate::metrics::{Metrics, RouteMetrics};
 
 /// The `route` label of each routed path; anything unrouted is
 /// `passthrough`.
-const ROUTES: [&str; 6] = [
+const ROUTES: [&str; 9] = [
     "/v1/embeddings",
+    "/v2/embed",
+    "/v1beta/models/{spec}",
+    "/v1/models/{spec}",
     "/metrics",
     "/healthz",
     "/readyz",

@@ -94,11 +94,13 @@ pub(crate) async fn handle(
             Ok(false) => {}
         }
     }
-    if key.is_none() {
-        return error(StatusCode::UNAUTHORIZED, "no api key supplied");
-    }
     if !key_ok(&shared, key.as_deref()) {
-        return error(StatusCode::UNAUTHORIZED, "invalid api token");
+        record(&shared, &model, &texts, None, auth, 401);
+        let message = match key {
+            None => "no api key supplied",
+            Some(_) => "invalid api token",
+        };
+        return error(StatusCode::UNAUTHORIZED, message);
     }
     answer(&shared, &body, &model, &texts, auth, false)
 }

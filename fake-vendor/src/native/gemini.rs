@@ -147,6 +147,14 @@ pub(crate) async fn handle(
             Ok(short) => one_short = short,
         }
     }
+    if !key_ok(&shared, key.as_deref()) {
+        let status = if key.as_deref().unwrap_or_default().is_empty() {
+            403
+        } else {
+            400
+        };
+        record(&shared, model_id, &texts, None, key.clone(), status);
+    }
     match key.as_deref() {
         None | Some("") => {
             return error(

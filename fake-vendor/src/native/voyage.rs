@@ -77,6 +77,7 @@ pub(crate) async fn handle(
         }
     }
     if !key_ok(&shared, key.as_deref()) {
+        record(&shared, &model, &texts, None, auth, 401);
         return error(StatusCode::UNAUTHORIZED, "Provided API key is invalid.");
     }
     let response = answer(&body, &model, &texts, one_short);
