@@ -580,6 +580,12 @@ impl Settings {
                     reason: format!("{name}: base_url is not a URL"),
                 });
             }
+            if u.flavour == Flavour::Bedrock {
+                return Err(ConfigError::Invalid {
+                    key: "upstreams",
+                    reason: format!("{name}: the bedrock flavour is not served yet"),
+                });
+            }
             if u.flavour == Flavour::Azure && u.api_version.is_empty() {
                 return Err(ConfigError::Invalid {
                     key: "upstreams",

@@ -176,6 +176,13 @@ impl IntoResponse for ApiError {
                 None,
                 Some("invalid_path"),
             ),
+            ApiError::Passthrough(PassthroughError::NativeVendor(_)) => openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &message,
+                Some("model"),
+                Some("native_vendor"),
+            ),
             ApiError::Passthrough(PassthroughError::NotAllowed) => openai_error(
                 StatusCode::FORBIDDEN,
                 "invalid_request_error",

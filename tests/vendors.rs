@@ -500,3 +500,40 @@ async fn forward_mode_checks_the_callers_key_with_the_vendor() {
     assert_eq!(sent[0].authorization.as_deref(), Some("Bearer co-good"));
     assert_eq!(gw.vendor.key_checks().len(), 2);
 }
+
+#[tokio::test]
+async fn passthrough_goes_to_the_upstream_of_the_model_named() {
+    let other = FakeVendor::start().await;
+    let other_url = other.base_url();
+    let gw = gateway(&[
+        ("EMBGATE__PASSTHROUGH__ALLOW", "/v1/chat,/v1/models"),
+        ("EMBGATE__UPSTREAMS__OTHER__BASE_URL", other_url.as_str()),
+        ("EMBGATE__UPSTREAMS__OTHER__MODELS", "other-*"),
+        ("EMBGATE__UPSTREAMS__OTHER__API_KEY", "sk-other"),
+    ])
+    .await;
+    let chat =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let post = |body: Value| {
+        gw.http
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .json(&body)
+            .send()
+    };
+    post(chat("other-chat")).await.expect("answers");
+    post(chat("gpt-4o-mini")).await.expect("answers");
+    let routed = |v: &FakeVendor| {
+        v.requests_seen()
+            .iter()
+            .filter(|l| l.as_str() == "POST /v1/chat/completions")
+            .count()
+    };
+    assert_eq!(routed(&other), 1);
+    assert_eq!(routed(&gw.vendor), 1);
+    // Without a body naming a model: the default upstream.
+    assert_eq!(gw.get("/v1/models").await.status(), 200);
+    assert!(other.requests_seen().iter().all(|l| !l.contains("/models")));
+    // A model of a native vendor has only its embeddings served.
+    let response = post(chat(COHERE)).await.expect("answers");
+    assert_eq!(response.status(), 400);
+}
