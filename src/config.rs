@@ -580,10 +580,15 @@ impl Settings {
                     reason: format!("{name}: base_url is not a URL"),
                 });
             }
-            if u.flavour == Flavour::Bedrock {
+            // A caller's key means nothing to AWS: forwarded, any key
+            // would spend the gateway's credentials.
+            if u.flavour == Flavour::Bedrock && self.auth_mode().ok() == Some(AuthMode::Forward) {
                 return Err(ConfigError::Invalid {
                     key: "upstreams",
-                    reason: format!("{name}: the bedrock flavour is not served yet"),
+                    reason: format!(
+                        "{name}: a bedrock upstream is paid by the gateway's AWS credentials; \
+                         use auth mode gateway or open"
+                    ),
                 });
             }
             if u.flavour == Flavour::Azure && u.api_version.is_empty() {
@@ -619,7 +624,10 @@ impl Settings {
                 return invalid("auth.tenants", "gateway mode needs at least one tenant key");
             }
             if self.upstream.api_key.is_empty()
-                || self.upstreams.values().any(|u| u.api_key.is_empty())
+                || self
+                    .upstreams
+                    .values()
+                    .any(|u| u.api_key.is_empty() && u.flavour != Flavour::Bedrock)
             {
                 return invalid(
                     "upstream.api_key",

@@ -204,6 +204,11 @@ impl FakeVendor {
         format!("http://{}/voyage/v1", self.addr)
     }
 
+    /// Where Bedrock's runtime API is served (`{this}/model/{id}/invoke`).
+    pub fn bedrock_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// Where the Gemini API is served (`{this}/models/{model}:...`).
     pub fn gemini_url(&self) -> String {
         format!("http://{}/v1beta", self.addr)

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tower_service::Service;
 
 use crate::error::ApiError;
-use crate::native::{cohere, gemini, voyage};
+use crate::native::{bedrock, cohere, gemini, voyage};
 use crate::{Shared, embeddings, passthrough};
 
 /// Largest request body read; OpenAI accepts multi-megabyte embedding
@@ -39,6 +39,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v2/embed", post(cohere::handle))
         .route("/voyage/v1/embeddings", post(voyage::handle))
         .route("/v1beta/models/{spec}", post(gemini::handle))
+        .route("/model/{id}/invoke", post(bedrock::handle))
         .route("/v1/models", get(passthrough::list_models))
         .route("/v1/models/{*id}", get(passthrough::get_model))
         .route("/v1/chat/completions", post(passthrough::chat_completions))

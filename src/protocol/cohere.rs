@@ -81,7 +81,7 @@ pub fn parse(body: &[u8], limits: Limits) -> Result<CohereRequest, InvalidReques
         params.truncate =
             Some(one_of(&t, COHERE_TRUNCATE, "truncate").map_err(|e| invalid(e.message))?);
     }
-    canonical(Flavour::Cohere, &mut params);
+    canonical(Flavour::Cohere, &model, &mut params);
     let mut types = Vec::new();
     for t in body.embedding_types.unwrap_or_default() {
         let t = value_type(&t, "embedding_types").map_err(|e| invalid(e.message))?;

@@ -65,19 +65,22 @@ pub fn adopt(flavour: Flavour, req: &mut EmbeddingRequest) -> Result<(), Invalid
                 };
                 params.input_type = Some(one_of(&value, allowed, "input_type")?);
             }
-            (Flavour::Bedrock, "input_type") => {
+            (Flavour::Bedrock, "input_type") if req.model.starts_with("cohere.embed") => {
                 params.input_type = Some(one_of(&value, COHERE_INPUT_TYPES, "input_type")?);
             }
             (Flavour::Gemini, "task_type" | "taskType") => {
                 params.input_type = Some(one_of(&value, GEMINI_TASK_TYPES, "task_type")?);
             }
-            (Flavour::Cohere | Flavour::Bedrock, "truncate") => {
+            (Flavour::Cohere, "truncate") => {
+                params.truncate = Some(one_of(&value, COHERE_TRUNCATE, "truncate")?);
+            }
+            (Flavour::Bedrock, "truncate") if req.model.starts_with("cohere.embed") => {
                 params.truncate = Some(one_of(&value, COHERE_TRUNCATE, "truncate")?);
             }
             (Flavour::Voyage, "truncation") => {
                 params.truncation = Some(boolean(&value, "truncation")?);
             }
-            (Flavour::Bedrock, "normalize") => {
+            (Flavour::Bedrock, "normalize") if req.model.starts_with("amazon.titan-embed") => {
                 params.normalize = Some(boolean(&value, "normalize")?);
             }
             (Flavour::Cohere | Flavour::Voyage, "output_dimension")
@@ -111,15 +114,19 @@ pub fn adopt(flavour: Flavour, req: &mut EmbeddingRequest) -> Result<(), Invalid
             }
         }
     }
-    canonical(flavour, &mut params);
+    canonical(flavour, &req.model, &mut params);
     finish(req, params);
     Ok(())
 }
 
-/// The vendor's defaults, written out.
-pub fn canonical(flavour: Flavour, params: &mut VendorParams) {
+/// The vendor's defaults for `model`, written out.
+pub fn canonical(flavour: Flavour, model: &str, params: &mut VendorParams) {
+    let titan = model.starts_with("amazon.titan-embed");
     match flavour {
-        Flavour::Cohere => {
+        Flavour::Bedrock if titan => {
+            params.normalize.get_or_insert(true);
+        }
+        Flavour::Cohere | Flavour::Bedrock => {
             params
                 .input_type
                 .get_or_insert_with(|| COHERE_DEFAULT_INPUT_TYPE.to_owned());

@@ -67,7 +67,9 @@ impl Batch<'_> {
             // A cl100k token is at least one byte: sizes bound the counts.
             None => self.inputs.iter().map(|i| i.byte_len() as u64).collect(),
         };
-        let max_inputs = limits.max_inputs.min(self.upstream.max_inputs_per_call());
+        let max_inputs = limits
+            .max_inputs
+            .min(self.upstream.max_inputs_per_call(self.model));
         futures_util::stream::iter(chunk(&weights, max_inputs, limits.max_tokens))
             .map(move |range| self.call(range))
             .buffer_unordered(limits.concurrency)

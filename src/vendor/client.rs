@@ -144,6 +144,9 @@ impl Upstream {
                 base_url: base_url.trim_end_matches('/').to_owned(),
                 api_version: named.map_or_else(String::new, |n| n.api_version.clone()),
                 deployments: named.map_or_else(HashMap::new, |n| n.deployments.clone()),
+                signer: named
+                    .filter(|n| n.flavour == Flavour::Bedrock)
+                    .and_then(|_| super::wire::Signer::from_env()),
             },
             api_key: Some(api_key).filter(|k| !k.is_empty()).map(ApiKey::new),
             settings: settings.clone(),
@@ -186,17 +189,24 @@ impl Upstream {
         self.endpoint.flavour
     }
 
-    /// The most inputs one call may carry at this vendor.
-    pub fn max_inputs_per_call(&self) -> usize {
-        self.endpoint.max_inputs()
+    /// The most inputs one call for `model` may carry at this vendor.
+    pub fn max_inputs_per_call(&self, model: &str) -> usize {
+        self.endpoint.max_inputs(model)
+    }
+
+    /// Whether calls can be made: a Bedrock upstream needs AWS credentials.
+    pub fn can_call(&self) -> bool {
+        self.flavour() != Flavour::Bedrock || self.endpoint.signer.is_some()
     }
 
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
 
+    /// Whether the gateway pays with credentials of its own (a key, or for
+    /// Bedrock its AWS credentials).
     pub fn has_own_key(&self) -> bool {
-        self.api_key.is_some()
+        self.api_key.is_some() || self.flavour() == Flavour::Bedrock
     }
 
     /// What identifies the vectors of `model` at this upstream, for the
@@ -285,6 +295,9 @@ impl Upstream {
             .timeout(timeout)
             .header(header::CONTENT_TYPE, "application/json")
             .body(wire.body.clone());
+        for (name, value) in &wire.headers {
+            req = req.header(name.clone(), value.clone());
+        }
         if let Some((name, value)) = self.credential(call.auth.key.as_ref()) {
             req = req.header(name, value);
         }

@@ -58,6 +58,12 @@ impl Upstreams {
                 &settings.upstream,
                 metrics,
             ));
+            if !upstream.can_call() {
+                return Err(format!(
+                    "upstreams.{name}: a bedrock upstream needs AWS_ACCESS_KEY_ID, \
+                     AWS_SECRET_ACCESS_KEY and AWS_REGION"
+                ));
+            }
             for pattern in named
                 .models
                 .split(',')

@@ -3,6 +3,7 @@
 //! are a pure function of (model, input type, text, dimensions) so tests
 //! can predict every value ([`native_embedding`], [`quantize`]).
 
+pub(crate) mod bedrock;
 pub(crate) mod cohere;
 pub(crate) mod gemini;
 pub(crate) mod voyage;
@@ -62,11 +63,25 @@ pub(crate) const GEMINI_MODELS: &[NativeModel] = &[
     },
 ];
 
+pub(crate) const BEDROCK_MODELS: &[NativeModel] = &[
+    NativeModel {
+        id: "amazon.titan-embed-text-v2:0",
+        native_dims: 1024,
+        dims: &[256, 512, 1024],
+    },
+    NativeModel {
+        id: "cohere.embed-english-v3",
+        native_dims: 1024,
+        dims: &[1024],
+    },
+];
+
 fn all_models() -> impl Iterator<Item = &'static NativeModel> {
     COHERE_MODELS
         .iter()
         .chain(VOYAGE_MODELS)
         .chain(GEMINI_MODELS)
+        .chain(BEDROCK_MODELS)
 }
 
 pub(crate) fn find(models: &'static [NativeModel], id: &str) -> Option<&'static NativeModel> {

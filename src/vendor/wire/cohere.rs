@@ -45,6 +45,7 @@ pub fn request(endpoint: &Endpoint, call: &EmbedCall<'_>) -> Result<WireRequest,
     Ok(WireRequest {
         url: url(endpoint),
         body: body(call, true)?.to_string().into(),
+        headers: Vec::new(),
     })
 }
 
@@ -58,6 +59,7 @@ pub fn probe(endpoint: &Endpoint, model: &str) -> WireRequest {
     WireRequest {
         url: url(endpoint),
         body: body.to_string().into(),
+        headers: Vec::new(),
     }
 }
 

@@ -14,7 +14,7 @@ fn url(endpoint: &Endpoint, model: &str) -> String {
     format!(
         "{}/models/{}:batchEmbedContents",
         endpoint.base_url,
-        percent_encoding::utf8_percent_encode(model, percent_encoding::NON_ALPHANUMERIC)
+        percent_encoding::utf8_percent_encode(model, super::PATH_SEGMENT)
     )
 }
 
@@ -45,6 +45,7 @@ pub fn request(endpoint: &Endpoint, call: &EmbedCall<'_>) -> Result<WireRequest,
     Ok(WireRequest {
         url: url(endpoint, call.model),
         body: json!({ "requests": requests }).to_string().into(),
+        headers: Vec::new(),
     })
 }
 
@@ -52,6 +53,7 @@ pub fn probe(endpoint: &Endpoint, model: &str) -> WireRequest {
     WireRequest {
         url: url(endpoint, model),
         body: json!({ "requests": [] }).to_string().into(),
+        headers: Vec::new(),
     }
 }
 

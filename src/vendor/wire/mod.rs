@@ -3,6 +3,7 @@
 //! its answer becomes checked vectors and usage. Everything above this
 //! module (pipeline, cache, accounting) stays vendor-agnostic.
 
+mod bedrock;
 mod cohere;
 mod gemini;
 mod openai;
@@ -21,6 +22,9 @@ use crate::config::Flavour;
 pub struct WireRequest {
     pub url: String,
     pub body: Bytes,
+    /// Headers the request carries besides the content type and key (a
+    /// SigV4 signature).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Where and how one upstream is called.
@@ -32,7 +36,19 @@ pub struct Endpoint {
     pub api_version: String,
     /// Azure: deployment by model.
     pub deployments: HashMap<String, String>,
+    /// Bedrock: the AWS credentials requests are signed with.
+    pub signer: Option<bedrock::Signer>,
 }
+
+pub use bedrock::Signer;
+
+/// What is percent-encoded in a path segment: everything but RFC 3986's
+/// unreserved characters, as AWS's signature and Google's paths expect.
+pub(crate) const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Google's key header.
 pub const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
@@ -53,14 +69,14 @@ impl Endpoint {
         self.deployments.get(model).map_or(model, String::as_str)
     }
 
-    /// The most inputs one call may carry at this vendor.
-    pub fn max_inputs(&self) -> usize {
+    /// The most inputs one call for `model` may carry at this vendor.
+    pub fn max_inputs(&self, model: &str) -> usize {
         match self.flavour {
             Flavour::Openai | Flavour::Azure => usize::MAX,
             Flavour::Cohere => cohere::MAX_TEXTS,
             Flavour::Voyage => voyage::MAX_INPUTS,
             Flavour::Gemini => gemini::MAX_REQUESTS,
-            Flavour::Bedrock => 1,
+            Flavour::Bedrock => bedrock::Family::max_inputs(model),
         }
     }
 
@@ -84,7 +100,7 @@ impl Endpoint {
             Flavour::Cohere => cohere::request(self, call),
             Flavour::Voyage => voyage::request(self, call),
             Flavour::Gemini => gemini::request(self, call),
-            Flavour::Bedrock => Err("bedrock is not served yet".to_owned()),
+            Flavour::Bedrock => bedrock::request(self, call),
         };
         encoded.map_err(|e| UpstreamError::InvalidResponse(format!("encoding request: {e}")))
     }
@@ -93,7 +109,8 @@ impl Endpoint {
     /// then refuses the empty input without billing (forward mode's check).
     pub fn probe(&self, model: &str) -> WireRequest {
         match self.flavour {
-            Flavour::Openai | Flavour::Azure | Flavour::Bedrock => openai::probe(self, model),
+            Flavour::Openai | Flavour::Azure => openai::probe(self, model),
+            Flavour::Bedrock => bedrock::probe(self, model),
             Flavour::Cohere => cohere::probe(self, model),
             Flavour::Voyage => voyage::probe(self, model),
             Flavour::Gemini => gemini::probe(self, model),
@@ -104,7 +121,7 @@ impl Endpoint {
     pub fn parse(
         &self,
         body: &[u8],
-        _headers: &HeaderMap,
+        headers: &HeaderMap,
         call: &EmbedCall<'_>,
     ) -> Result<Embeddings, UpstreamError> {
         let parsed = match self.flavour {
@@ -112,7 +129,7 @@ impl Endpoint {
             Flavour::Cohere => cohere::parse(body, call.params.output),
             Flavour::Voyage => voyage::parse(body, call.params.output),
             Flavour::Gemini => gemini::parse(body, call),
-            Flavour::Bedrock => Err("bedrock is not served yet".to_owned()),
+            Flavour::Bedrock => bedrock::parse(body, headers, call),
         };
         let parsed = parsed.map_err(UpstreamError::InvalidResponse)?;
         check(parsed, call)

@@ -28,6 +28,7 @@ pub fn request(endpoint: &Endpoint, call: &EmbedCall<'_>) -> Result<WireRequest,
     Ok(WireRequest {
         url: url(endpoint, call.model),
         body: body.into(),
+        headers: Vec::new(),
     })
 }
 
@@ -37,6 +38,7 @@ pub fn probe(endpoint: &Endpoint, model: &str) -> WireRequest {
         body: serde_json::json!({ "model": model, "input": "" })
             .to_string()
             .into(),
+        headers: Vec::new(),
     }
 }
 

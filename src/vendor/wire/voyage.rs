@@ -36,6 +36,7 @@ pub fn request(endpoint: &Endpoint, call: &EmbedCall<'_>) -> Result<WireRequest,
     Ok(WireRequest {
         url: url(endpoint),
         body: Value::Object(body).to_string().into(),
+        headers: Vec::new(),
     })
 }
 
@@ -43,6 +44,7 @@ pub fn probe(endpoint: &Endpoint, model: &str) -> WireRequest {
     WireRequest {
         url: url(endpoint),
         body: json!({ "model": model, "input": [] }).to_string().into(),
+        headers: Vec::new(),
     }
 }
 
