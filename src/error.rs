@@ -288,6 +288,7 @@ pub enum Dialect {
     Cohere,
     Voyage,
     Gemini,
+    Bedrock,
 }
 
 /// An error answered in a vendor's own format.
@@ -330,9 +331,29 @@ impl IntoResponse for InDialect {
                 "message": message,
                 "status": google_status(status),
             }}),
+            Dialect::Bedrock => serde_json::json!({ "message": message }),
         };
         *response.body_mut() = axum::body::Body::from(body.to_string());
+        if dialect == Dialect::Bedrock {
+            response.headers_mut().insert(
+                axum::http::HeaderName::from_static("x-amzn-errortype"),
+                HeaderValue::from_static(amazon_error_type(status)),
+            );
+        }
         response
+    }
+}
+
+/// Amazon's error type for an HTTP status.
+fn amazon_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 => "ValidationException",
+        401 | 403 => "AccessDeniedException",
+        404 => "ResourceNotFoundException",
+        429 => "ThrottlingException",
+        503 => "ServiceUnavailableException",
+        504 => "ModelTimeoutException",
+        _ => "InternalServerException",
     }
 }
 

@@ -105,6 +105,54 @@ async fn run() {
     );
     assert_eq!(gw.vendor.times_embedded(COHERE, None, &text("d")), 1);
 
+    // Bedrock's own InvokeModel at the gateway shares those entries.
+    let invoke = |model: &str, body: serde_json::Value| {
+        let model = model.replace(':', "%3A");
+        gw.http
+            .post(format!("{}/model/{model}/invoke", gw.url))
+            .json(&body)
+            .send()
+    };
+    let response = invoke(TITAN, json!({"inputText": "three", "dimensions": 256}))
+        .await
+        .expect("answers");
+    assert_eq!(common::header(&response, "x-embgate-cache"), "hit");
+    let titan: serde_json::Value = response.json().await.expect("json");
+    let three = native_embedding(TITAN, "", "three", Some(256)).expect("known");
+    let got: Vec<f32> = titan["embedding"]
+        .as_array()
+        .expect("embedding")
+        .iter()
+        .map(|v| v.as_f64().expect("number") as f32)
+        .collect();
+    assert_eq!(got, three);
+    assert_eq!(titan["inputTextTokenCount"], native_tokens("three"));
+    let response = invoke(
+        COHERE,
+        json!({"texts": ["d"], "input_type": "search_query"}),
+    )
+    .await
+    .expect("answers");
+    assert_eq!(common::header(&response, "x-embgate-cache"), "hit");
+    // The call's billed tokens were shared among its texts by size.
+    let tokens: u64 = common::header(&response, "x-amzn-bedrock-input-token-count")
+        .parse()
+        .expect("a token count");
+    assert!(tokens >= 1);
+    let co: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(co["response_type"], "embeddings_floats");
+    assert_eq!(co["embeddings"].as_array().map(Vec::len), Some(1));
+    let response = invoke(TITAN, json!({"inputText": ""}))
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        common::header(&response, "x-amzn-errortype"),
+        "ValidationException"
+    );
+    let error: serde_json::Value = response.json().await.expect("json");
+    assert!(error["message"].is_string(), "{error}");
+
     // Bedrock's errors pass through and nothing is cached.
     gw.vendor.push_fault(Fault::Status {
         status: 429,

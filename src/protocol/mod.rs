@@ -1,6 +1,7 @@
 //! OpenAI's embeddings wire format: parsing and validating requests the way
 //! the vendor does, and writing responses without an intermediate JSON tree.
 
+pub mod bedrock;
 pub mod cohere;
 mod floats;
 pub mod gemini;

@@ -78,6 +78,10 @@ pub fn router(state: AppState, max_requests_in_flight: usize) -> Router {
             post(native::cohere).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
         )
         .route(
+            "/model/{model}/invoke",
+            post(native::bedrock).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
+        )
+        .route(
             "/v1beta/models/{spec}",
             post(native::gemini).fallback(passthrough::forward),
         )

@@ -14,10 +14,11 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 
 use super::{AppState, CacheMarks, embed, json_response, read_body};
-use crate::cache::entry::Entry;
+use crate::auth::Caller;
+use crate::cache::entry::{Entry, ValueType};
 use crate::config::Flavour;
 use crate::error::{ApiError, Dialect, InDialect};
-use crate::protocol::{self, gemini};
+use crate::protocol::{self, EmbeddingRequest, gemini};
 use crate::vendor::Upstream;
 use crate::vendor::wire::X_GOOG_API_KEY;
 
@@ -54,18 +55,34 @@ pub(super) async fn cohere(
         Flavour::Cohere,
     )
     .map_err(|e| (d, e))?;
-    let mut by_type = Vec::with_capacity(parsed.requests.len());
+    let (by_type, marks, billed) =
+        embed_types(&state, &headers, &caller, parsed.requests, &upstream, d).await?;
+    let mut out = Vec::new();
+    protocol::cohere::write_response(&mut out, &parsed.texts, &by_type, billed);
+    Ok(json_response(&state, out, marks))
+}
+
+/// Serves Cohere's requests, one per embedding type (each type is its own
+/// entry): the entries by type, the marks, and the tokens billed once.
+async fn embed_types(
+    state: &AppState,
+    headers: &HeaderMap,
+    caller: &Caller,
+    requests: Vec<EmbeddingRequest>,
+    upstream: &Arc<Upstream>,
+    d: Dialect,
+) -> Result<(Vec<(ValueType, Vec<Entry>)>, CacheMarks, u64), InDialect> {
+    let mut by_type = Vec::with_capacity(requests.len());
     let mut marks: Option<CacheMarks> = None;
     let mut billed = None;
-    // One pass per embedding type: each type is its own entry.
-    for request in parsed.requests {
+    for request in requests {
         let output = request.vendor.output;
         let served = embed(
-            &state,
-            &headers,
+            state,
+            headers,
             caller.clone(),
             request,
-            Arc::clone(&upstream),
+            Arc::clone(upstream),
         )
         .await;
         let outcome = served.map_err(|e| (d, e))?;
@@ -74,9 +91,7 @@ pub(super) async fn cohere(
         marks = Some(CacheMarks::merge(marks, these));
         by_type.push((output, entries));
     }
-    let mut out = Vec::new();
-    protocol::cohere::write_response(&mut out, &parsed.texts, &by_type, billed.unwrap_or(0));
-    Ok(json_response(&state, out, marks.unwrap_or_default()))
+    Ok((by_type, marks.unwrap_or_default(), billed.unwrap_or(0)))
 }
 
 /// `POST /{v1beta,v1}/models/{model}:{method}`; anything but the two embed
@@ -144,4 +159,48 @@ async fn gemini_embed(
     let mut out = Vec::new();
     gemini::write_response(&mut out, method, &entries);
     Ok(json_response(state, out, marks.unwrap_or_default()))
+}
+
+/// Bedrock's `POST /model/{modelId}/invoke` for its embedding models. The
+/// caller's SigV4 signature is not checked (its secret is the caller's):
+/// in gateway mode the tenant presents its key as a Bedrock API key
+/// (`Authorization: Bearer`, as `AWS_BEARER_TOKEN_BEDROCK` makes the AWS
+/// SDKs send it).
+pub(super) async fn bedrock(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, InDialect> {
+    use protocol::bedrock::{BedrockRequest, write_cohere, write_titan};
+    let d = Dialect::Bedrock;
+    let caller = state.auth.identify(&headers).map_err(|e| (d, e))?;
+    let body = read_body(&state, body).map_err(|e| (d, e))?;
+    let parsed = protocol::bedrock::parse(&model, &body, state.limits).map_err(|e| (d, e))?;
+    drop(body);
+    let upstream = native_upstream(&state, &model, Flavour::Bedrock).map_err(|e| (d, e))?;
+    let mut out = Vec::new();
+    match parsed {
+        BedrockRequest::Titan(request) => {
+            let served = embed(&state, &headers, caller, request, upstream).await;
+            let outcome = served.map_err(|e| (d, e))?;
+            let tokens = outcome.prompt_tokens;
+            let (entries, marks) = CacheMarks::of(outcome);
+            if let Some(entry) = entries.first() {
+                write_titan(&mut out, entry, tokens);
+            }
+            Ok(json_response(&state, out, marks))
+        }
+        BedrockRequest::Cohere { request, by_type } => {
+            let (typed, marks, billed) =
+                embed_types(&state, &headers, &caller, request.requests, &upstream, d).await?;
+            write_cohere(&mut out, &request.texts, &typed, by_type);
+            let mut response = json_response(&state, out, marks);
+            response.headers_mut().insert(
+                "x-amzn-bedrock-input-token-count",
+                HeaderValue::from(billed),
+            );
+            Ok(response)
+        }
+    }
 }

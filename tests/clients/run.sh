@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real clients through the gateway: the official OpenAI Python SDK, LangChain's
 # OpenAIEmbeddings, the official OpenAI Node SDK and the vendors' own Python
-# SDKs (cohere, voyageai, google-genai) talk to `embgate serve`, which talks to
+# SDKs (cohere, voyageai, google-genai, boto3) talk to `embgate serve`, which talks to
 # `fake-vendor`. Each client script gets its own gateway with a
 # fresh store: the embedded one in a temporary directory, or, with
 # EMBGATE__STORE__URL set, a fresh key prefix on that Redis.
@@ -255,6 +255,12 @@ gateway_env=(
   EMBGATE__UPSTREAMS__GEMINI__BASE_URL="$vendor_host/v1beta"
   EMBGATE__UPSTREAMS__GEMINI__MODELS="gemini-*"
   EMBGATE__UPSTREAMS__GEMINI__API_KEY=g-test
+  EMBGATE__UPSTREAMS__BEDROCK__FLAVOUR=bedrock
+  EMBGATE__UPSTREAMS__BEDROCK__BASE_URL="$vendor_host"
+  EMBGATE__UPSTREAMS__BEDROCK__MODELS="amazon.titan-embed-*,cohere.embed-*"
+  AWS_ACCESS_KEY_ID=AKIDGATEWAY
+  AWS_SECRET_ACCESS_KEY=gateway-secret
+  AWS_REGION=us-east-1
 )
 run_clients vendors "$vendors_venv/bin/python" "$here/vendor_clients.py"
 gateway_env=()

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Drives embgate with the vendors' own Python SDKs, unchanged but for their
 base URL: `cohere` (ClientV2, /v2/embed), `voyageai` (/v1/embeddings with
-Voyage's fields) and `google-genai` (batchEmbedContents under /v1).
+Voyage's fields), `google-genai` (batchEmbedContents under /v1) and `boto3`
+(bedrock-runtime InvokeModel, SigV4-signed).
 
 Every vector an SDK gets through the gateway must equal, value for value, the
 one the vendor's fake returns when asked directly; every call runs twice and
@@ -29,6 +30,7 @@ from typing import Any, Callable
 GATEWAY = os.environ["GATEWAY_URL"].rstrip("/")
 VENDOR_HOST = re.sub(r"/v1/?$", "", os.environ["VENDOR_URL"].rstrip("/"))
 
+import boto3  # noqa: E402
 import cohere  # noqa: E402
 import voyageai  # noqa: E402
 from google import genai  # noqa: E402
@@ -149,7 +151,27 @@ def gemini_checks() -> None:
     report("gemini batch", lambda: twice("gemini batch", embed, expected))
 
 
+def bedrock_checks() -> None:
+    def client(url: str) -> Any:
+        return boto3.client("bedrock-runtime", endpoint_url=url, region_name="us-east-1",
+                            aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret")
+
+    def titan(c: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            out = []
+            for t in TEXTS:
+                r = c.invoke_model(modelId="amazon.titan-embed-text-v2:0",
+                                   body=json.dumps({"inputText": t, "dimensions": 512}))
+                out.append(json.loads(r["body"].read())["embedding"])
+            return out
+        return call
+
+    expected = titan(client(VENDOR_HOST))()
+    report("bedrock titan", lambda: twice("bedrock titan", titan(client(GATEWAY)), expected))
+
+
 cohere_checks()
 voyage_checks()
 gemini_checks()
+bedrock_checks()
 sys.exit(1 if failures else 0)
