@@ -930,6 +930,29 @@ deployments = { "any-model" = "any-deployment" }
     }
 
     #[test]
+    fn bedrock_is_paid_by_the_gateway_only() {
+        let bedrock = [
+            ("EMBGATE__UPSTREAMS__AWS__BASE_URL", "http://bedrock.test"),
+            ("EMBGATE__UPSTREAMS__AWS__FLAVOUR", "bedrock"),
+            ("EMBGATE__UPSTREAMS__AWS__MODELS", "amazon.titan-embed-*"),
+        ];
+        let with = |mode: &'static str| {
+            let mut pairs = bedrock.to_vec();
+            pairs.push(("EMBGATE__AUTH__MODE", mode));
+            Settings::load_from(None, env(&pairs))
+        };
+        assert!(matches!(
+            with("forward"),
+            Err(ConfigError::Invalid {
+                key: "upstreams",
+                ..
+            })
+        ));
+        let s = with("open").expect("open mode takes a bedrock upstream");
+        assert_eq!(s.upstreams["aws"].flavour, Flavour::Bedrock);
+    }
+
+    #[test]
     fn user_chosen_names_are_not_unknown_keys() {
         let s = Settings::load_from(
             None,
