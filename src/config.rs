@@ -92,17 +92,6 @@ max_model_bytes = 256
 "text-embedding-3-small" = 0.02
 "text-embedding-3-large" = 0.13
 "text-embedding-ada-002" = 0.10
-"embed-v4.0" = 0.12
-"embed-english-v3.0" = 0.10
-"embed-multilingual-v3.0" = 0.10
-"voyage-3.5" = 0.06
-"voyage-3.5-lite" = 0.02
-"voyage-3-large" = 0.18
-"voyage-code-3" = 0.18
-"gemini-embedding-001" = 0.15
-"amazon.titan-embed-text-v2:0" = 0.02
-"cohere.embed-english-v3" = 0.10
-"cohere.embed-multilingual-v3" = 0.10
 "#;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -319,7 +308,7 @@ pub enum TenantCache {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Flavour {
-    /// OpenAI and compatible APIs (Mistral, Together, Voyage, Ollama, TEI...).
+    /// OpenAI and compatible APIs (Mistral, Together, Ollama, TEI...).
     #[default]
     Openai,
     /// Azure OpenAI: deployment paths, `api-version`, `api-key` header.
@@ -784,10 +773,6 @@ mod tests {
         assert_eq!(s.prices["text-embedding-3-small"], 0.02);
         assert_eq!(s.prices["text-embedding-3-large"], 0.13);
         assert_eq!(s.prices["text-embedding-ada-002"], 0.10);
-        assert_eq!(s.prices["embed-v4.0"], 0.12);
-        assert_eq!(s.prices["voyage-3.5"], 0.06);
-        assert_eq!(s.prices["gemini-embedding-001"], 0.15);
-        assert_eq!(s.prices["amazon.titan-embed-text-v2:0"], 0.02);
         assert_eq!(s.server.header_read_timeout_secs, 30);
         assert_eq!(
             s.l1.max_bytes,

@@ -537,3 +537,24 @@ async fn passthrough_goes_to_the_upstream_of_the_model_named() {
     let response = post(chat(COHERE)).await.expect("answers");
     assert_eq!(response.status(), 400);
 }
+
+#[tokio::test]
+async fn forward_mode_checks_a_gemini_key_with_google() {
+    let vendor = common::vendor_accepting(&["g-good"]).await;
+    let gemini = vendor.gemini_url();
+    let env = [
+        ("EMBGATE__AUTH__MODE", "forward"),
+        ("EMBGATE__UPSTREAMS__GEMINI__BASE_URL", gemini.as_str()),
+        ("EMBGATE__UPSTREAMS__GEMINI__FLAVOUR", "gemini"),
+        ("EMBGATE__UPSTREAMS__GEMINI__MODELS", "gemini-*"),
+    ];
+    let gw = TestGateway::start_with(vendor, &env).await;
+    let path = format!("/v1beta/models/{GEMINI}:embedContent");
+    let body = json!({"content": {"parts": [{"text": "k"}]}});
+    let (status, _, error) = call(&gw, &path, &[("x-goog-api-key", "g-bad")], &body).await;
+    assert_eq!(status, 401, "{error}");
+    assert_eq!(error["error"]["status"], "UNAUTHENTICATED", "{error}");
+    let (status, _, ok) = call(&gw, &path, &[("x-goog-api-key", "g-good")], &body).await;
+    assert_eq!(status, 200, "{ok}");
+    assert!(gw.vendor.embedding_requests().len() == 1);
+}

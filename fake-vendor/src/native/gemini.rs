@@ -164,7 +164,18 @@ pub(crate) async fn handle(
             );
         }
         k if !key_ok(&shared, k) => {
-            return invalid("API key not valid. Please pass a valid API key.");
+            // Google names the reason in the details, as here.
+            let body = json!({ "error": {
+                "code": 400,
+                "message": "API key not valid. Please pass a valid API key.",
+                "status": "INVALID_ARGUMENT",
+                "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "API_KEY_INVALID",
+                    "domain": "googleapis.com",
+                }],
+            }});
+            return json_answer(StatusCode::BAD_REQUEST, &body);
         }
         _ => {}
     }
