@@ -12,7 +12,7 @@ use aws_smithy_runtime_api::client::identity::Identity;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 
-use super::{Endpoint, Parsed, WireRequest, cohere, f32_bytes, texts};
+use super::{Endpoint, Parsed, WireRequest, cohere, estimate_tokens, f32_bytes, texts};
 use crate::vendor::EmbedCall;
 
 /// The header Bedrock reports a call's input tokens in.
@@ -156,7 +156,10 @@ pub fn parse(body: &[u8], headers: &HeaderMap, call: &EmbedCall<'_>) -> Result<P
         }
         _ => Ok(Parsed {
             vectors: cohere::vectors(&answer["embeddings"], call.params.output)?,
-            prompt_tokens: reported,
+            prompt_tokens: match reported {
+                Some(tokens) => Some(tokens),
+                None => Some(texts(call)?.into_iter().map(estimate_tokens).sum()),
+            },
         }),
     }
 }

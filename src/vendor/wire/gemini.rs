@@ -1,10 +1,10 @@
 //! The Gemini API's `POST {base}/models/{model}:batchEmbedContents`: one
 //! request per text, answered with `embeddings[].values` and no usage, so
-//! tokens are estimated ([`estimate_tokens`]).
+//! tokens are estimated ([`super::estimate_tokens`]).
 
 use serde_json::{Map, Value, json};
 
-use super::{Endpoint, Parsed, WireRequest, f32_bytes, texts};
+use super::{Endpoint, Parsed, WireRequest, estimate_tokens, f32_bytes, texts};
 use crate::vendor::EmbedCall;
 
 /// Requests per batch the API accepts.
@@ -16,13 +16,6 @@ fn url(endpoint: &Endpoint, model: &str) -> String {
         endpoint.base_url,
         percent_encoding::utf8_percent_encode(model, super::PATH_SEGMENT)
     )
-}
-
-/// Google documents about four characters per token for Gemini models; the
-/// API reports no usage for embeddings, so this estimate (at least one token
-/// per non-empty text) is what is counted and priced.
-pub fn estimate_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4).max(1)
 }
 
 pub fn request(endpoint: &Endpoint, call: &EmbedCall<'_>) -> Result<WireRequest, String> {
@@ -80,17 +73,4 @@ pub fn parse(body: &[u8], call: &EmbedCall<'_>) -> Result<Parsed, String> {
         vectors,
         prompt_tokens: Some(estimate),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn estimates_four_characters_a_token() {
-        assert_eq!(estimate_tokens("a"), 1);
-        assert_eq!(estimate_tokens("abcd"), 1);
-        assert_eq!(estimate_tokens("abcde"), 2);
-        assert_eq!(estimate_tokens("éééé"), 1);
-    }
 }

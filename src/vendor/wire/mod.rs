@@ -231,6 +231,14 @@ pub(crate) fn values_of(
     }
 }
 
+/// Tokens of a text for a vendor that reports none (the Gemini API, Cohere
+/// on Bedrock without its token header): Google documents about four
+/// characters a token, so each text counts its characters / 4, rounded up,
+/// at least 1. An estimate, documented as such.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
 /// Texts of a call; native vendors take text only (checked at the edge).
 pub(crate) fn texts<'a>(call: &EmbedCall<'a>) -> Result<Vec<&'a str>, String> {
     call.inputs
@@ -240,4 +248,17 @@ pub(crate) fn texts<'a>(call: &EmbedCall<'a>) -> Result<Vec<&'a str>, String> {
             crate::protocol::Input::Tokens(_) => Err("token arrays are OpenAI's only".to_owned()),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates_four_characters_a_token() {
+        assert_eq!(estimate_tokens("a"), 1);
+        assert_eq!(estimate_tokens("abcd"), 1);
+        assert_eq!(estimate_tokens("abcde"), 2);
+        assert_eq!(estimate_tokens("éééé"), 1);
+    }
 }
