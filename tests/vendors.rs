@@ -558,3 +558,37 @@ async fn forward_mode_checks_a_gemini_key_with_google() {
     assert_eq!(status, 200, "{ok}");
     assert!(gw.vendor.embedding_requests().len() == 1);
 }
+
+#[tokio::test]
+async fn voyage_and_gemini_partial_batches_send_only_misses() {
+    let gw = gateway(&[]).await;
+    for (model, input_type, extra) in [
+        (VOYAGE, "document", json!({"input_type": "document"})),
+        (
+            GEMINI,
+            "RETRIEVAL_DOCUMENT",
+            json!({"task_type": "RETRIEVAL_DOCUMENT"}),
+        ),
+    ] {
+        let ask = |inputs: &[&str]| {
+            let mut body = json!({"model": model, "input": inputs});
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                body[k] = v.clone();
+            }
+            body
+        };
+        gw.embed(&ask(&["kept one", "kept two"])).await;
+        gw.settled().await;
+        let before = gw.vendor.embedding_requests().len();
+        let (cache, body) = gw.embed(&ask(&["kept two", "fresh", "kept one"])).await;
+        assert_eq!(cache, "partial", "{model}");
+        let want: Vec<Vec<f32>> = ["kept two", "fresh", "kept one"]
+            .iter()
+            .map(|t| native(model, input_type, t, None))
+            .collect();
+        assert_eq!(vectors(&body), want, "{model}");
+        let sent = gw.vendor.embedding_requests();
+        assert_eq!(sent.len(), before + 1, "{model}");
+        assert_eq!(sent[before].inputs, vec![text("fresh")], "{model}");
+    }
+}
