@@ -85,7 +85,8 @@ fn hex(bytes: &[u8]) -> String {
 /// Azure's key header.
 pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
-/// The key a request presents: `Authorization: Bearer K` or `api-key: K`.
+/// The key a request presents: `Authorization: Bearer K`, `api-key: K`
+/// (Azure) or `x-goog-api-key: K` (Gemini).
 pub fn presented_key(headers: &HeaderMap) -> Option<ApiKey> {
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -95,8 +96,14 @@ pub fn presented_key(headers: &HeaderMap) -> Option<ApiKey> {
                 .or_else(|| v.strip_prefix("bearer "))
         });
     let azure = || headers.get(API_KEY).and_then(|v| v.to_str().ok());
+    let google = || {
+        headers
+            .get(crate::vendor::wire::X_GOOG_API_KEY)
+            .and_then(|v| v.to_str().ok())
+    };
     bearer
         .or_else(azure)
+        .or_else(google)
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .map(ApiKey::new)

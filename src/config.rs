@@ -364,11 +364,39 @@ pub enum TenantCache {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Flavour {
-    /// OpenAI and compatible APIs (Mistral, Together, Voyage, Ollama, TEI...).
+    /// OpenAI and compatible APIs (Mistral, Together, Ollama, TEI...).
     #[default]
     Openai,
     /// Azure OpenAI: deployment paths, `api-version`, `api-key` header.
     Azure,
+    /// Cohere's own API (`POST {base_url}/v2/embed`), bearer key.
+    Cohere,
+    /// Voyage AI's own fields (`POST {base_url}/embeddings`), bearer key.
+    Voyage,
+    /// The Gemini API (`POST {base_url}/models/{model}:batchEmbedContents`),
+    /// `x-goog-api-key`.
+    Gemini,
+    /// Amazon Bedrock InvokeModel (`POST {base_url}/model/{id}/invoke`),
+    /// signed with SigV4 from the AWS environment variables.
+    Bedrock,
+}
+
+impl Flavour {
+    /// Whether the vendor speaks its own embeddings API rather than OpenAI's.
+    pub fn is_native(self) -> bool {
+        !matches!(self, Flavour::Openai | Flavour::Azure)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavour::Openai => "openai",
+            Flavour::Azure => "azure",
+            Flavour::Cohere => "cohere",
+            Flavour::Voyage => "voyage",
+            Flavour::Gemini => "gemini",
+            Flavour::Bedrock => "bedrock",
+        }
+    }
 }
 
 /// Routes other than `/v1/embeddings`, forwarded to the default vendor.
@@ -597,6 +625,17 @@ impl Settings {
                     reason: format!("{name}: base_url is not a URL"),
                 });
             }
+            // A caller's key means nothing to AWS: forwarded, any key
+            // would spend the gateway's credentials.
+            if u.flavour == Flavour::Bedrock && self.auth_mode().ok() == Some(AuthMode::Forward) {
+                return Err(ConfigError::Invalid {
+                    key: "upstreams",
+                    reason: format!(
+                        "{name}: a bedrock upstream is paid by the gateway's AWS credentials; \
+                         use auth mode gateway or open"
+                    ),
+                });
+            }
             if u.flavour == Flavour::Azure && u.api_version.is_empty() {
                 return Err(ConfigError::Invalid {
                     key: "upstreams",
@@ -630,7 +669,10 @@ impl Settings {
                 return invalid("auth.tenants", "gateway mode needs at least one tenant key");
             }
             if self.upstream.api_key.is_empty()
-                || self.upstreams.values().any(|u| u.api_key.is_empty())
+                || self
+                    .upstreams
+                    .values()
+                    .any(|u| u.api_key.is_empty() && u.flavour != Flavour::Bedrock)
             {
                 return invalid(
                     "upstream.api_key",
@@ -943,6 +985,29 @@ deployments = { "any-model" = "any-deployment" }
         ] {
             assert!(message.contains(name), "{name} missing from: {message}");
         }
+    }
+
+    #[test]
+    fn bedrock_is_paid_by_the_gateway_only() {
+        let bedrock = [
+            ("EMBGATE__UPSTREAMS__AWS__BASE_URL", "http://bedrock.test"),
+            ("EMBGATE__UPSTREAMS__AWS__FLAVOUR", "bedrock"),
+            ("EMBGATE__UPSTREAMS__AWS__MODELS", "amazon.titan-embed-*"),
+        ];
+        let with = |mode: &'static str| {
+            let mut pairs = bedrock.to_vec();
+            pairs.push(("EMBGATE__AUTH__MODE", mode));
+            Settings::load_from(None, env(&pairs))
+        };
+        assert!(matches!(
+            with("forward"),
+            Err(ConfigError::Invalid {
+                key: "upstreams",
+                ..
+            })
+        ));
+        let s = with("open").expect("open mode takes a bedrock upstream");
+        assert_eq!(s.upstreams["aws"].flavour, Flavour::Bedrock);
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("Method not allowed: use {0}.")]
     MethodNotAllowed(&'static str),
+    #[error("model '{model}' is not served by a {api} upstream of this gateway.")]
+    ModelNotServed { model: String, api: &'static str },
     #[error(transparent)]
     Embed(#[from] EmbedError),
     #[error(transparent)]
@@ -110,6 +112,13 @@ impl IntoResponse for ApiError {
                 None,
                 Some("unknown_url"),
             ),
+            ApiError::ModelNotServed { .. } => openai_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                &message,
+                Some("model"),
+                Some("model_not_found"),
+            ),
             ApiError::MethodNotAllowed(_) => openai_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
@@ -137,8 +146,8 @@ impl IntoResponse for ApiError {
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 response
             }
-            ApiError::Embed(EmbedError::Upstream(e)) => upstream_error(e),
-            ApiError::Auth(AuthError::Vendor(e)) => upstream_error(e),
+            ApiError::Embed(EmbedError::Upstream(e)) => upstream_error(e, false),
+            ApiError::Auth(AuthError::Vendor(e)) => upstream_error(e, false),
             ApiError::Auth(AuthError::Missing) => openai_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -167,6 +176,13 @@ impl IntoResponse for ApiError {
                 None,
                 Some("invalid_path"),
             ),
+            ApiError::Passthrough(PassthroughError::NativeVendor(_)) => openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &message,
+                Some("model"),
+                Some("native_vendor"),
+            ),
             ApiError::Passthrough(PassthroughError::NotAllowed) => openai_error(
                 StatusCode::FORBIDDEN,
                 "invalid_request_error",
@@ -186,8 +202,9 @@ impl IntoResponse for ApiError {
 }
 
 /// Vendor errors go back as the vendor sent them when they are in OpenAI's
-/// shape; anything else is wrapped in that shape with the vendor's status.
-fn upstream_error(e: UpstreamError) -> Response {
+/// shape (or in any shape, `verbatim`, to callers of the vendor's own API);
+/// anything else is wrapped in OpenAI's shape with the vendor's status.
+fn upstream_error(e: UpstreamError, verbatim: bool) -> Response {
     let message = e.to_string();
     match e {
         UpstreamError::Vendor {
@@ -195,7 +212,7 @@ fn upstream_error(e: UpstreamError) -> Response {
             body,
             headers,
         } => {
-            let mut response = if is_openai_error(&body) {
+            let mut response = if verbatim || is_openai_error(&body) {
                 (
                     status,
                     [(
@@ -262,4 +279,95 @@ fn upstream_error(e: UpstreamError) -> Response {
 fn is_openai_error(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(body)
         .is_ok_and(|v| v.get("error").is_some_and(serde_json::Value::is_object))
+}
+
+/// Whose error format an answer speaks: the API the caller called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Openai,
+    Cohere,
+    Voyage,
+    Gemini,
+    Bedrock,
+}
+
+/// An error answered in a vendor's own format.
+pub struct InDialect(pub Dialect, pub ApiError);
+
+impl<E: Into<ApiError>> From<(Dialect, E)> for InDialect {
+    fn from((dialect, e): (Dialect, E)) -> Self {
+        InDialect(dialect, e.into())
+    }
+}
+
+impl IntoResponse for InDialect {
+    fn into_response(self) -> Response {
+        let InDialect(dialect, error) = self;
+        if dialect == Dialect::Openai {
+            return error.into_response();
+        }
+        let error = match error {
+            // The vendor's own error reaches its own API's caller as sent.
+            ApiError::Embed(EmbedError::Upstream(e @ UpstreamError::Vendor { .. }))
+            | ApiError::Auth(AuthError::Vendor(e @ UpstreamError::Vendor { .. })) => {
+                return upstream_error(e, true);
+            }
+            other => other,
+        };
+        let message = match &error {
+            ApiError::InvalidRequest(e) => e.message.clone(),
+            other => other.to_string(),
+        };
+        let mut response = error.into_response();
+        let status = response.status();
+        let body = match dialect {
+            Dialect::Openai | Dialect::Voyage => serde_json::json!({ "detail": message }),
+            Dialect::Cohere => serde_json::json!({
+                "id": format!("{:032x}", rand::random::<u128>()),
+                "message": message,
+            }),
+            Dialect::Gemini => serde_json::json!({ "error": {
+                "code": status.as_u16(),
+                "message": message,
+                "status": google_status(status),
+            }}),
+            Dialect::Bedrock => serde_json::json!({ "message": message }),
+        };
+        *response.body_mut() = axum::body::Body::from(body.to_string());
+        if dialect == Dialect::Bedrock {
+            response.headers_mut().insert(
+                axum::http::HeaderName::from_static("x-amzn-errortype"),
+                HeaderValue::from_static(amazon_error_type(status)),
+            );
+        }
+        response
+    }
+}
+
+/// Amazon's error type for an HTTP status.
+fn amazon_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 => "ValidationException",
+        401 | 403 => "AccessDeniedException",
+        404 => "ResourceNotFoundException",
+        429 => "ThrottlingException",
+        503 => "ServiceUnavailableException",
+        504 => "ModelTimeoutException",
+        _ => "InternalServerException",
+    }
+}
+
+/// Google's canonical status name for an HTTP status.
+pub fn google_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        405 => "UNIMPLEMENTED",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL",
+    }
 }

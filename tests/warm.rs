@@ -542,3 +542,42 @@ async fn refresh_fetches_again_and_no_store_keeps_nothing(#[case] backend: Backe
     assert_eq!(summary.embedded, 1, "three was never stored: {summary:?}");
     assert_eq!(vendor.times_embedded(SMALL, None, &text("three")), 2);
 }
+
+#[tokio::test]
+async fn a_native_vendor_is_warmed_with_its_defaults_keyed_as_requests_key_them() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    let cohere = vendor.cohere_url();
+    let native = [
+        ("EMBGATE__UPSTREAMS__COHERE__FLAVOUR", "cohere".to_owned()),
+        ("EMBGATE__UPSTREAMS__COHERE__BASE_URL", cohere.clone()),
+        ("EMBGATE__UPSTREAMS__COHERE__MODELS", "embed-*".to_owned()),
+        ("EMBGATE__UPSTREAMS__COHERE__API_KEY", "co-key".to_owned()),
+    ];
+    let path = scratch.write(
+        "cohere.jsonl",
+        &[r#"{"input": "warm me", "model": "embed-v4.0"}"#.to_owned()],
+    );
+    let settings = scratch.settings(&vendor, &native);
+    let summary = warm::warm(&settings, &options(&path))
+        .await
+        .expect("warm succeeds");
+    assert!(summary.complete);
+    assert_eq!(vendor.total_inputs_embedded(), 1);
+
+    let env: Vec<(&str, &str)> = [
+        ("EMBGATE__AUTH__MODE", "open"),
+        ("EMBGATE__UPSTREAM__API_KEY", "sk-test"),
+    ]
+    .into_iter()
+    .chain(native.iter().map(|(k, v)| (*k, v.as_str())))
+    .collect();
+    let gw = TestGateway::start_in(Arc::clone(&scratch.home), vendor, &env).await;
+    let (cache, body) = gw
+        .embed(&json!({"model": "embed-v4.0", "input": "warm me", "input_type": "search_document"}))
+        .await;
+    assert_eq!(cache, "hit");
+    let want = fake_vendor::native_embedding("embed-v4.0", "search_document", "warm me", None)
+        .expect("known");
+    assert_eq!(vectors(&body)[0], want);
+}

@@ -11,6 +11,7 @@ mod batches;
 mod embeddings;
 mod error;
 mod faults;
+mod native;
 mod passthrough;
 mod server;
 mod vectors;
@@ -25,6 +26,7 @@ use tokio::task::JoinHandle;
 
 pub use batches::{BatchFate, BatchLine, MAX_BATCH_REQUESTS, MAX_FILE_BYTES};
 pub use faults::Fault;
+pub use native::{native_embedding, native_tokens, quantize};
 pub use vectors::{default_dimensions, embedding, tokens};
 
 /// Server configuration.
@@ -196,6 +198,26 @@ impl FakeVendor {
     /// `http://127.0.0.1:PORT/v1`, the value for an SDK's `base_url`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// Where Cohere's API is served (`{this}/v2/embed`).
+    pub fn cohere_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Where Voyage's API is served (`{this}/embeddings`).
+    pub fn voyage_url(&self) -> String {
+        format!("http://{}/voyage/v1", self.addr)
+    }
+
+    /// Where Bedrock's runtime API is served (`{this}/model/{id}/invoke`).
+    pub fn bedrock_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Where the Gemini API is served (`{this}/models/{model}:...`).
+    pub fn gemini_url(&self) -> String {
+        format!("http://{}/v1beta", self.addr)
     }
 
     /// Queues a fault; each embeddings request that carries inputs pops one

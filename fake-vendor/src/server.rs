@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tower_service::Service;
 
 use crate::error::ApiError;
+use crate::native::{bedrock, cohere, gemini, voyage};
 use crate::{Shared, batches, embeddings, passthrough};
 
 /// Largest request body read; OpenAI accepts multi-megabyte embedding
@@ -35,6 +36,10 @@ pub(crate) struct ConnectionKill(pub Arc<Notify>);
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/embeddings", post(embeddings::handle))
+        .route("/v2/embed", post(cohere::handle))
+        .route("/voyage/v1/embeddings", post(voyage::handle))
+        .route("/v1beta/models/{spec}", post(gemini::handle))
+        .route("/model/{id}/invoke", post(bedrock::handle))
         .route("/v1/models", get(passthrough::list_models))
         .route("/v1/models/{*id}", get(passthrough::get_model))
         .route("/v1/chat/completions", post(passthrough::chat_completions))

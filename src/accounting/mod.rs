@@ -27,6 +27,24 @@ use self::ledger::Ledger;
 /// The label of models not (yet) known, and of those past the bound.
 pub const OTHER: &str = "other";
 
+/// List prices of the native vendors' embedding models, USD per 1M tokens;
+/// `prices.<model>` overrides any of them. (OpenAI's are configuration
+/// defaults; these names hold dots, which `EMBGATE__PRICES__*` variables
+/// cannot carry, so they are kept here.)
+pub const VENDOR_PRICES: &[(&str, f64)] = &[
+    ("embed-v4.0", 0.12),
+    ("embed-english-v3.0", 0.10),
+    ("embed-multilingual-v3.0", 0.10),
+    ("voyage-3.5", 0.06),
+    ("voyage-3.5-lite", 0.02),
+    ("voyage-3-large", 0.18),
+    ("voyage-code-3", 0.18),
+    ("gemini-embedding-001", 0.15),
+    ("amazon.titan-embed-text-v2:0", 0.02),
+    ("cohere.embed-english-v3", 0.10),
+    ("cohere.embed-multilingual-v3", 0.10),
+];
+
 pub struct Accounting {
     metrics: Arc<Metrics>,
     ledger: Arc<Ledger>,
@@ -44,16 +62,17 @@ impl Accounting {
         metrics: Arc<Metrics>,
         ledger: Arc<Ledger>,
     ) -> Accounting {
-        let known = settings
-            .prices
-            .keys()
-            .cloned()
-            .chain(configured_models)
+        let prices: foldhash::HashMap<String, f64> = VENDOR_PRICES
+            .iter()
+            .map(|(model, price)| ((*model).to_owned(), *price))
+            .chain(settings.prices.models.clone())
             .collect();
+        let known = prices.keys().cloned().chain(configured_models).collect();
         Accounting {
             metrics,
             ledger,
-            prices: settings.prices.models.clone().into_iter().collect(),
+            prices,
+            // Only OpenAI's and Azure's upstreams have a Batch API.
             batch_prices: settings
                 .prices
                 .keys()

@@ -39,9 +39,10 @@ const CHECKED: usize = 32;
 
 /// How an entry's values are stored: as the vendor returned them, never
 /// converted (the output type is part of the key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ValueType {
+    #[default]
     F32 = 0,
     Int8 = 1,
     Uint8 = 2,
@@ -61,6 +62,38 @@ impl ValueType {
             4 => ValueType::Ubinary,
             _ => return None,
         })
+    }
+
+    /// The name vendors give the type (`embedding_types`, `output_dtype`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueType::F32 => "float",
+            ValueType::Int8 => "int8",
+            ValueType::Uint8 => "uint8",
+            ValueType::Binary => "binary",
+            ValueType::Ubinary => "ubinary",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ValueType> {
+        [
+            ValueType::F32,
+            ValueType::Int8,
+            ValueType::Uint8,
+            ValueType::Binary,
+            ValueType::Ubinary,
+        ]
+        .into_iter()
+        .find(|t| t.name() == name)
+    }
+
+    /// Stored values for a vector of `dimensions`: packed bit types hold
+    /// eight dimensions a byte.
+    pub fn stored_values(self, dimensions: u32) -> u32 {
+        match self {
+            ValueType::Binary | ValueType::Ubinary => dimensions.div_ceil(8),
+            _ => dimensions,
+        }
     }
 
     /// Bytes per value.

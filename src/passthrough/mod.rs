@@ -38,6 +38,11 @@ pub enum PassthroughError {
          (EMBGATE__PASSTHROUGH__ALLOW)."
     )]
     NotAllowed,
+    #[error(
+        "This model is served by a {0} upstream, whose embeddings only are served here; \
+         other routes are passed through to OpenAI-compatible upstreams."
+    )]
+    NativeVendor(&'static str),
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1).
@@ -60,7 +65,6 @@ pub async fn forward(State(state): State<Arc<AppState>>, req: Request) -> Respon
 }
 
 async fn forward_checked(state: &AppState, req: Request) -> Result<Response, ApiError> {
-    let upstream = state.upstreams.default();
     let path = req.uri().path();
     let Some(rest) = path
         .strip_prefix("/v1")
@@ -68,26 +72,49 @@ async fn forward_checked(state: &AppState, req: Request) -> Result<Response, Api
     else {
         return Err(ApiError::NotFound(path.to_owned()));
     };
+    let rest = rest.to_owned();
     let caller = state.auth.identify(req.headers())?;
-    let decoded = path::check(rest).map_err(PassthroughError::from)?;
-    let url =
-        path::join(upstream.base_url(), rest, req.uri().query()).map_err(PassthroughError::from)?;
+    let decoded = path::check(&rest).map_err(PassthroughError::from)?;
+    // A body without a declared length is cut at the limit as it streams
+    // (a declared one above it never gets here). A JSON body is read whole
+    // to route by the model it names; anything else streams.
+    let (parts, body) = req.with_limited_body().into_parts();
+    let (body, model) = match is_json(&parts.headers) {
+        true => {
+            let bytes = axum::body::to_bytes(body, state.max_body_bytes)
+                .await
+                .map_err(|_| ApiError::BodyTooLarge(state.max_body_bytes))?;
+            let model = model_named(&bytes);
+            (reqwest::Body::from(bytes), model)
+        }
+        false => (reqwest::Body::wrap_stream(body.into_data_stream()), None),
+    };
+    let upstream = match &model {
+        Some(model) => state.upstreams.route(model),
+        None => state.upstreams.default(),
+    };
+    if upstream.flavour().is_native() {
+        return Err(PassthroughError::NativeVendor(upstream.flavour().name()).into());
+    }
+    let url = path::join(upstream.base_url(), &rest, parts.uri.query())
+        .map_err(PassthroughError::from)?;
     if gateway_pays(upstream, &caller) {
         if !state.passthrough.allows(&decoded) {
             return Err(PassthroughError::NotAllowed.into());
         }
         // Forward mode with a key of the gateway's own: the caller's key
         // must still be one the vendor accepts.
-        state.auth.admit(&caller, upstream, "").await?;
+        state
+            .auth
+            .admit(&caller, upstream, model.as_deref().unwrap_or_default())
+            .await?;
     }
 
-    // A body without a declared length is cut at the limit as it streams
-    // (a declared one above it never gets here).
-    let (parts, body) = req.with_limited_body().into_parts();
     let mut headers = end_to_end(&parts.headers);
     // Whatever key the caller presented, the vendor gets the one that pays.
     headers.remove(header::AUTHORIZATION);
     headers.remove("api-key");
+    headers.remove(crate::vendor::wire::X_GOOG_API_KEY);
     if let Some((name, value)) = upstream.credential(caller.key.as_ref()) {
         headers.insert(name, value);
     }
@@ -95,7 +122,7 @@ async fn forward_checked(state: &AppState, req: Request) -> Result<Response, Api
         .http()
         .request(parts.method, url)
         .headers(headers)
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
+        .body(body)
         .send()
         .await;
     match sent {
@@ -116,6 +143,25 @@ async fn forward_checked(state: &AppState, req: Request) -> Result<Response, Api
             e.without_url()
         ))),
     }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"))
+}
+
+/// The `model` a JSON body names at its top level.
+fn model_named(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body)
+        .ok()?
+        .model
+        .filter(|m| !m.is_empty())
 }
 
 /// Whether the gateway's own key pays for `caller`'s call: it does whenever
@@ -151,6 +197,17 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn reads_the_model_a_body_names() {
+        assert_eq!(
+            model_named(br#"{"messages":[],"model":"m-1"}"#).as_deref(),
+            Some("m-1")
+        );
+        assert_eq!(model_named(br#"{"model":""}"#), None);
+        assert_eq!(model_named(br#"{"model":5}"#), None);
+        assert_eq!(model_named(b"not json"), None);
+    }
 
     #[test]
     fn drops_hop_by_hop_headers() {

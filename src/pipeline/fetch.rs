@@ -40,6 +40,7 @@ impl Pipeline {
             dimensions: req.dimensions,
             user: req.user.as_deref(),
             extra: &req.extra,
+            params: &req.vendor,
             auth: &ctx.auth,
             inputs: misses.iter().map(|m| &req.inputs[m.input]).collect(),
             exact,
@@ -68,7 +69,8 @@ impl Pipeline {
             fetched.billed_tokens += answer.billed;
             for ((i, vector), tokens) in answer.range.zip(&answer.vectors).zip(answer.tokens) {
                 let miss = &misses[i];
-                let entry = Entry::encode(&miss.hash, &origin, vector, tokens);
+                let entry =
+                    Entry::encode_raw(&miss.hash, &origin, req.vendor.output, vector, tokens);
                 if let Some(promise) = promises[i].take() {
                     promise.fulfil(entry.clone());
                     holds.claims.push(promise);

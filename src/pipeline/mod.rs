@@ -39,9 +39,10 @@ pub enum EmbedError {
     Internal(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CacheStatus {
     /// Nothing was fetched from the vendor for this request.
+    #[default]
     Hit,
     /// Every distinct input was fetched from the vendor.
     Miss,
@@ -251,7 +252,13 @@ impl Pipeline {
         let keyed = Keyed::new(&req, &ctx.namespace);
         let wait = self.cache.lookup_wait(ctx.upstream.typical_latency());
         let mut found = self
-            .look_up(&keyed.hashes, req.dimensions, wait, false, ctx.policy)
+            .look_up(
+                &keyed.hashes,
+                req.stored_dimensions(),
+                wait,
+                false,
+                ctx.policy,
+            )
             .await;
         if let Some(ttl) = self.lifetimes.ttl(&req.model)
             && self.lifetimes.refresh_ttl_on_hit
@@ -413,7 +420,7 @@ impl Pipeline {
         // and our claim; looking again closes that window.
         let hashes: Vec<KeyHash> = lead.iter().map(|(m, _)| m.hash).collect();
         let late = self
-            .look_up(&hashes, req.dimensions, wait, true, ctx.policy)
+            .look_up(&hashes, req.stored_dimensions(), wait, true, ctx.policy)
             .await;
         let mut shared = Vec::new();
         let mut pending = Vec::with_capacity(lead.len());
@@ -434,7 +441,7 @@ impl Pipeline {
         // one: it would show the old one.
         if let Some(fleet) = self.fleet.as_ref().filter(|_| ctx.policy.read) {
             let (ours, from_fleet) = self
-                .wait_for_fleet(fleet, req.dimensions, wait, ctx.policy, pending)
+                .wait_for_fleet(fleet, req.stored_dimensions(), wait, ctx.policy, pending)
                 .await;
             shared.extend(from_fleet);
             holds.leases = ours.leased;

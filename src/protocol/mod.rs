@@ -1,13 +1,21 @@
 //! OpenAI's embeddings wire format: parsing and validating requests the way
 //! the vendor does, and writing responses without an intermediate JSON tree.
 
+pub mod bedrock;
+pub mod cohere;
 mod floats;
+pub mod gemini;
+pub mod native;
+pub mod vendor;
 
 use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+
+pub use self::vendor::VendorParams;
+use crate::cache::entry::ValueType;
 
 /// One input to embed, exactly as the caller sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,7 +52,18 @@ pub struct EmbeddingRequest {
     /// Fields OpenAI does not define but other vendors do (e.g. `input_type`).
     /// They are forwarded and, since they may change the vector, keyed on.
     /// Sorted by name; a repeated name keeps its last value, as in JSON.
+    /// For a native vendor: its [`VendorParams`], as canonical fields.
     pub extra: Vec<(String, Box<RawValue>)>,
+    /// What a native vendor is asked for (default for OpenAI's API).
+    pub vendor: VendorParams,
+}
+
+impl EmbeddingRequest {
+    /// The values an entry of this request holds: the dimensions, packed
+    /// eight a byte for bit outputs.
+    pub fn stored_dimensions(&self) -> Option<u32> {
+        self.dimensions.map(|d| self.vendor.output.stored_values(d))
+    }
 }
 
 /// Request-size limits enforced while parsing.
@@ -59,6 +78,15 @@ pub struct Limits {
     /// Longest model name, in bytes of UTF-8.
     pub max_model_bytes: usize,
 }
+
+/// Limits for the parsers' unit tests.
+#[cfg(test)]
+pub(crate) const TEST_LIMITS: Limits = Limits {
+    max_inputs: 96,
+    max_input_bytes: 1024,
+    max_extra_fields: 16,
+    max_model_bytes: 64,
+};
 
 /// A request the vendor would refuse; becomes a 400 `invalid_request_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,6 +241,7 @@ pub fn parse_request(body: &[u8], limits: Limits) -> Result<EmbeddingRequest, In
         dimensions,
         user,
         extra: sorted_last_wins(fields.extra),
+        vendor: VendorParams::default(),
     })
 }
 
@@ -427,6 +456,10 @@ pub fn write_response<'a>(
 /// while it is written, instead of built whole in memory.
 pub struct EmbeddingResponse<V> {
     model: String,
+    /// How the stored values read: f32, or one byte each.
+    value_type: ValueType,
+    /// Voyage's usage (`total_tokens` only) rather than OpenAI's.
+    voyage: bool,
     vectors: Vec<V>,
     format: EncodingFormat,
     prompt_tokens: u64,
@@ -436,10 +469,19 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
     pub fn new(model: String, vectors: Vec<V>, format: EncodingFormat, prompt_tokens: u64) -> Self {
         EmbeddingResponse {
             model,
+            value_type: ValueType::F32,
+            voyage: false,
             vectors,
             format,
             prompt_tokens,
         }
+    }
+
+    /// As Voyage answers: values of `value_type`, its usage.
+    pub fn voyage(mut self, value_type: ValueType) -> Self {
+        self.value_type = value_type;
+        self.voyage = true;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -465,7 +507,8 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
         64 + match self.format {
             EncodingFormat::Base64 => bytes.div_ceil(3) * 4,
             // Nine-digit values average about 12.5 characters with the comma.
-            EncodingFormat::Float => bytes / 4 * 13,
+            EncodingFormat::Float if self.value_type == ValueType::F32 => bytes / 4 * 13,
+            EncodingFormat::Float => bytes * 5,
         }
     }
 
@@ -506,7 +549,7 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
             out.extend_from_slice(b",\"embedding\":");
             match self.format {
                 EncodingFormat::Base64 => write_base64(out, vector.as_ref()),
-                EncodingFormat::Float => write_floats(out, vector.as_ref()),
+                EncodingFormat::Float => write_values(out, vector.as_ref(), self.value_type),
             }
             out.push(b'}');
         }
@@ -516,9 +559,13 @@ impl<V: AsRef<[u8]>> EmbeddingResponse<V> {
             if serde_json::to_writer(&mut *out, &self.model).is_err() {
                 out.extend_from_slice(b"\"\"");
             }
-            out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
-            out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
-            out.extend_from_slice(b",\"total_tokens\":");
+            if self.voyage {
+                out.extend_from_slice(b",\"usage\":{\"total_tokens\":");
+            } else {
+                out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
+                out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
+                out.extend_from_slice(b",\"total_tokens\":");
+            }
             out.extend_from_slice(itoa(self.prompt_tokens, &mut [0u8; 20]));
             out.extend_from_slice(b"}}");
         }
@@ -547,6 +594,35 @@ fn write_floats(out: &mut Vec<u8>, bytes: &[u8]) {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
     floats::write_array(out, values);
+}
+
+/// Stored values as a JSON array of numbers.
+pub fn write_values(out: &mut Vec<u8>, bytes: &[u8], value_type: ValueType) {
+    match value_type {
+        ValueType::F32 => write_floats(out, bytes),
+        other => write_bytes(out, bytes, other),
+    }
+}
+
+/// One-byte values as JSON integers: signed for int8 and binary.
+pub fn write_bytes(out: &mut Vec<u8>, bytes: &[u8], value_type: ValueType) {
+    let signed = matches!(value_type, ValueType::Int8 | ValueType::Binary);
+    out.push(b'[');
+    for (i, b) in bytes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let v = if signed {
+            i64::from(*b as i8)
+        } else {
+            i64::from(*b)
+        };
+        if v < 0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(itoa(v.unsigned_abs(), &mut [0u8; 20]));
+    }
+    out.push(b']');
 }
 
 /// Formats an unsigned integer into `buf` without allocating.

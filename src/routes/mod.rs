@@ -3,12 +3,13 @@
 
 mod admin;
 mod limits;
+mod native;
 mod track;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -18,18 +19,20 @@ use tower::ServiceBuilder;
 
 use crate::accounting::Accounting;
 use crate::auth::Auth;
+use crate::auth::Caller;
 use crate::body;
 use crate::cache::control::{CachePolicy, Directives};
 use crate::cache::entry::Entry;
 use crate::cache::health::SideState;
-use crate::error::ApiError;
+use crate::config::Flavour;
+use crate::error::{ApiError, Dialect, InDialect};
 use crate::metrics::Metrics;
 use crate::passthrough::{self, Allowlist};
-use crate::pipeline::{CallContext, Pipeline};
+use crate::pipeline::{CacheStatus, CallContext, Outcome, Pipeline};
 use crate::protocol::{self, EmbeddingResponse, Limits};
 use crate::purge;
 use crate::request_id::RequestIdLayer;
-use crate::vendor::Upstreams;
+use crate::vendor::{Upstream, Upstreams};
 
 use self::limits::{DeclaredLengthLayer, ShedLayer};
 use self::track::TrackLayer;
@@ -70,6 +73,22 @@ pub fn router(state: AppState, max_requests_in_flight: usize) -> Router {
             "/v1/embeddings",
             post(embeddings).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
         )
+        .route(
+            "/v2/embed",
+            post(native::cohere).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
+        )
+        .route(
+            "/model/{model}/invoke",
+            post(native::bedrock).fallback(|| async { ApiError::MethodNotAllowed("POST") }),
+        )
+        .route(
+            "/v1beta/models/{spec}",
+            post(native::gemini).fallback(passthrough::forward),
+        )
+        .route(
+            "/v1/models/{spec}",
+            post(native::gemini).fallback(passthrough::forward),
+        )
         .fallback(passthrough::forward)
         // Only on the routes above: health and metrics must answer while
         // the gateway sheds load.
@@ -96,58 +115,140 @@ async fn embeddings(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let caller = state.auth.identify(&headers)?;
-    let body = body.map_err(|e| match e {
+) -> Result<Response, InDialect> {
+    let dialect = Dialect::Openai;
+    let caller = state.auth.identify(&headers).map_err(|e| (dialect, e))?;
+    let body = read_body(&state, body).map_err(|e| (dialect, e))?;
+    let mut request = protocol::parse_request(&body, state.limits).map_err(|e| (dialect, e))?;
+    drop(body);
+    let upstream = Arc::clone(state.upstreams.route(&request.model));
+    // Voyage's own API shares this path: its callers get its answers.
+    let dialect = match upstream.flavour() {
+        Flavour::Voyage => Dialect::Voyage,
+        _ => Dialect::Openai,
+    };
+    protocol::native::adopt(upstream.flavour(), &mut request).map_err(|e| (dialect, e))?;
+    let (model, format) = (request.model.clone(), request.encoding_format);
+    let value_type = request.vendor.output;
+    let served = embed(&state, &headers, caller, request, upstream).await;
+    let outcome = served.map_err(|e| (dialect, e))?;
+    let prompt_tokens = outcome.prompt_tokens;
+    let (entries, marks) = CacheMarks::of(outcome);
+    let vectors: Vec<Payload> = entries.into_iter().map(Payload).collect();
+    let mut response = EmbeddingResponse::new(model, vectors, format, prompt_tokens);
+    if dialect == Dialect::Voyage {
+        response = response.voyage(value_type);
+    }
+    let body = body::render(response);
+    Ok(json_response(&state, body, marks))
+}
+
+/// The request body, or why it could not be read.
+pub(crate) fn read_body(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::BodyTooLarge(state.max_body_bytes)
         }
         other => ApiError::BodyRead(other.body_text()),
-    })?;
-    let request = protocol::parse_request(&body, state.limits)?;
-    drop(body);
-    let model = request.model.clone();
-    let format = request.encoding_format;
-    let upstream = Arc::clone(state.upstreams.route(&request.model));
+    })
+}
+
+/// Embeds a validated request for `caller` through the pipeline, whichever
+/// API it came in by, and accounts for it.
+pub(crate) async fn embed(
+    state: &AppState,
+    headers: &HeaderMap,
+    caller: Caller,
+    request: protocol::EmbeddingRequest,
+    upstream: Arc<Upstream>,
+) -> Result<Outcome, ApiError> {
     state.auth.admit(&caller, &upstream, &request.model).await?;
-    let directives = Directives::of(&headers);
+    let directives = Directives::of(headers);
     directives.count(&state.metrics);
     let policy = CachePolicy::new(caller.cache, &directives);
-    let ctx = CallContext::new(upstream, caller, &request.model, &headers, policy);
+    let ctx = CallContext::new(upstream, caller, &request.model, headers, policy);
     let tenant = Arc::clone(&ctx.tenant);
-    let outcome = match state.pipeline.embed(Arc::new(request), ctx).await {
-        Ok(outcome) => outcome,
+    let model = request.model.clone();
+    match state.pipeline.embed(Arc::new(request), ctx).await {
+        Ok(outcome) => {
+            state.accounting.served(&tenant, &model, &outcome);
+            Ok(outcome)
+        }
         Err(e) => {
             state.accounting.failed(&tenant, &model);
-            return Err(e.into());
+            Err(e.into())
         }
-    };
-    state.accounting.served(&tenant, &model, &outcome);
+    }
+}
 
-    let (cache, upstream_tokens) = (outcome.cache_status(), outcome.billed_tokens);
-    let (hits, misses) = (outcome.hits, outcome.distinct - outcome.hits);
-    let vectors: Vec<Payload> = outcome.entries.into_iter().map(Payload).collect();
-    let response = EmbeddingResponse::new(model, vectors, format, outcome.prompt_tokens);
-    let body = body::render(response);
+/// What the `x-embgate-*` headers say about a served request.
+#[derive(Default)]
+pub(crate) struct CacheMarks {
+    cache: CacheStatus,
+    upstream_tokens: u64,
+    hits: usize,
+    misses: usize,
+}
+
+impl CacheMarks {
+    pub(crate) fn of(outcome: Outcome) -> (Vec<Entry>, CacheMarks) {
+        let marks = CacheMarks {
+            cache: outcome.cache_status(),
+            upstream_tokens: outcome.billed_tokens,
+            hits: outcome.hits,
+            misses: outcome.distinct - outcome.hits,
+        };
+        (outcome.entries, marks)
+    }
+
+    /// The marks of a request served in several passes.
+    pub(crate) fn merge(before: Option<CacheMarks>, next: CacheMarks) -> CacheMarks {
+        let Some(before) = before else { return next };
+        let cache = if before.cache == next.cache {
+            next.cache
+        } else {
+            CacheStatus::Partial
+        };
+        CacheMarks {
+            cache,
+            upstream_tokens: before.upstream_tokens + next.upstream_tokens,
+            hits: before.hits + next.hits,
+            misses: before.misses + next.misses,
+        }
+    }
+}
+
+/// A JSON answer, with the cache headers when they are on.
+pub(crate) fn json_response(
+    state: &AppState,
+    body: impl Into<Body>,
+    marks: CacheMarks,
+) -> Response {
     let mut response = (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        body,
+        body.into(),
     )
         .into_response();
     if state.cache_headers {
         let h = response.headers_mut();
-        h.insert(X_EMBGATE_CACHE, HeaderValue::from_static(cache.as_str()));
+        h.insert(
+            X_EMBGATE_CACHE,
+            HeaderValue::from_static(marks.cache.as_str()),
+        );
         h.insert(
             X_EMBGATE_UPSTREAM_TOKENS,
-            HeaderValue::from(upstream_tokens),
+            HeaderValue::from(marks.upstream_tokens),
         );
-        h.insert(X_EMBGATE_CACHE_HITS, HeaderValue::from(hits));
-        h.insert(X_EMBGATE_CACHE_MISSES, HeaderValue::from(misses));
+        h.insert(X_EMBGATE_CACHE_HITS, HeaderValue::from(marks.hits));
+        h.insert(X_EMBGATE_CACHE_MISSES, HeaderValue::from(marks.misses));
     }
-    Ok(response)
+    response
 }
 
 /// An entry seen as its vector bytes, for the renderer.

@@ -21,8 +21,12 @@ use crate::metrics::{Metrics, RouteMetrics};
 
 /// The `route` label of each routed path; anything unrouted is
 /// `passthrough`.
-const ROUTES: [&str; 6] = [
+const ROUTES: [&str; 10] = [
     "/v1/embeddings",
+    "/model/{model}/invoke",
+    "/v2/embed",
+    "/v1beta/models/{spec}",
+    "/v1/models/{spec}",
     "/metrics",
     "/healthz",
     "/readyz",

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use super::tokens;
 use super::{CallerAuth, EmbedCall, Upstream, UpstreamError};
 use crate::config::UpstreamSettings;
-use crate::protocol::Input;
+use crate::protocol::{Input, VendorParams};
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
@@ -36,6 +36,7 @@ pub struct Batch<'a> {
     pub dimensions: Option<u32>,
     pub user: Option<&'a str>,
     pub extra: &'a [(String, Box<RawValue>)],
+    pub params: &'a VendorParams,
     pub auth: &'a CallerAuth,
     pub inputs: Vec<&'a Input>,
     /// Exact token counts of `inputs`, when the model has them.
@@ -46,8 +47,8 @@ pub struct Batch<'a> {
 pub struct Answered {
     /// The inputs of the batch this call carried.
     pub range: Range<usize>,
-    /// One vector per input of `range`, in order.
-    pub vectors: Vec<Vec<f32>>,
+    /// One vector per input of `range`, in order, as stored.
+    pub vectors: Vec<Vec<u8>>,
     /// Tokens billed for each input of `range`.
     pub tokens: Vec<u32>,
     /// Tokens the vendor billed for the call.
@@ -66,7 +67,10 @@ impl Batch<'_> {
             // A cl100k token is at least one byte: sizes bound the counts.
             None => self.inputs.iter().map(|i| i.byte_len() as u64).collect(),
         };
-        futures_util::stream::iter(chunk(&weights, limits.max_inputs, limits.max_tokens))
+        let max_inputs = limits
+            .max_inputs
+            .min(self.upstream.max_inputs_per_call(self.model));
+        futures_util::stream::iter(chunk(&weights, max_inputs, limits.max_tokens))
             .map(move |range| self.call(range))
             .buffer_unordered(limits.concurrency)
     }
@@ -79,6 +83,7 @@ impl Batch<'_> {
             dimensions: self.dimensions,
             user: self.user,
             extra: self.extra,
+            params: self.params,
             auth: self.auth,
         };
         let answer = self.upstream.embed(&call).await?;

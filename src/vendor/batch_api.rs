@@ -3,7 +3,7 @@
 //! line, base64), its upload (`POST files`, purpose `batch`), the batch
 //! (`POST batches`, `GET batches/{id}`), and its output and error files
 //! (`GET files/{id}/content`), every answer line checked exactly as a
-//! synchronous answer is ([`super::response::check_response`]).
+//! synchronous answer is ([`super::wire::check_openai_answer`]).
 //!
 //! Azure OpenAI serves the same API under `/openai/files` and
 //! `/openai/batches` with its `api-version`, and names the deployment
@@ -14,7 +14,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::response::{ERROR_BODY_LIMIT, check_response, read_capped};
+use super::response::{ERROR_BODY_LIMIT, read_capped};
+use super::wire::check_openai_answer;
 use super::{Embeddings, Upstream, UpstreamError};
 use crate::auth::ApiKey;
 use crate::protocol::Input;
@@ -93,10 +94,11 @@ pub fn input_line(
 /// What the vendor made of one line.
 #[derive(Debug)]
 pub enum LineResult {
-    /// A checked vector, and the tokens billed for it.
+    /// A checked vector (little-endian f32 bytes), and the tokens billed
+    /// for it.
     Answered {
         custom_id: String,
-        vector: Vec<f32>,
+        vector: Vec<u8>,
         tokens: Option<u64>,
     },
     Failed {
@@ -153,7 +155,7 @@ fn read_line(line: OutputLine, dimensions: Option<u32>) -> LineResult {
             .unwrap_or_default();
         return failed(format!("{}: {message}", response.status_code));
     }
-    match check_response(body, 1, dimensions) {
+    match check_openai_answer(body, 1, dimensions) {
         Ok(Embeddings {
             mut vectors,
             prompt_tokens,
@@ -331,7 +333,7 @@ mod tests {
         assert_eq!(results.len(), 4);
         assert!(
             matches!(&results[0], LineResult::Answered { custom_id, vector, tokens: Some(3) }
-            if custom_id == "a" && *vector == vec![0.5, 1.0])
+            if custom_id == "a" && *vector == [0.5f32, 1.0].map(f32::to_le_bytes).concat())
         );
         assert!(matches!(&results[1], LineResult::Failed { custom_id, .. } if custom_id == "b"));
         assert!(

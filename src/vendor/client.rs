@@ -1,7 +1,7 @@
-//! The client of one vendor endpoint: one `POST {base_url}/embeddings` per
-//! call, asking for base64 (exact f32 bytes), retried on 429/5xx/transport
-//! failures, its answer read within a size cap and checked
-//! ([`super::response`]) before anything is trusted.
+//! The client of one vendor endpoint: one request per call in the vendor's
+//! wire format ([`super::wire`]), retried on 429/5xx/transport failures, its
+//! answer read within a size cap ([`super::response`]) and checked before
+//! anything is trusted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,15 +10,14 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use bytes::Bytes;
-use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
 use serde_json::value::RawValue;
 
-use super::response::{ERROR_BODY_LIMIT, check_response, read_capped, response_limit};
+use super::response::{ERROR_BODY_LIMIT, read_capped, response_limit};
+use super::wire::{Endpoint, WireRequest};
 use crate::auth::ApiKey;
 use crate::config::{Flavour, NamedUpstream, UpstreamSettings};
 use crate::metrics::Metrics;
-use crate::protocol::Input;
+use crate::protocol::{Input, VendorParams};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
@@ -100,13 +99,16 @@ pub struct EmbedCall<'a> {
     pub dimensions: Option<u32>,
     pub user: Option<&'a str>,
     pub extra: &'a [(String, Box<RawValue>)],
+    /// What a native vendor is asked for, and the value type answered.
+    pub params: &'a VendorParams,
     pub auth: &'a CallerAuth,
 }
 
-/// A checked answer: one vector per input, in input order.
+/// A checked answer: one vector per input, in input order, each as the
+/// bytes an entry stores (little-endian f32, or the one-byte types).
 #[derive(Debug)]
 pub struct Embeddings {
-    pub vectors: Vec<Vec<f32>>,
+    pub vectors: Vec<Vec<u8>>,
     /// Tokens the vendor billed for the call, when it says.
     pub prompt_tokens: Option<u64>,
 }
@@ -115,11 +117,8 @@ pub struct Embeddings {
 pub struct Upstream {
     name: String,
     http: reqwest::Client,
-    base_url: String,
+    endpoint: Endpoint,
     api_key: Option<ApiKey>,
-    flavour: Flavour,
-    api_version: String,
-    deployments: HashMap<String, String>,
     settings: UpstreamSettings,
     metrics: Arc<Metrics>,
     /// Moving average of successful calls' duration, in microseconds (0:
@@ -141,11 +140,16 @@ impl Upstream {
         Upstream {
             name: name.to_owned(),
             http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            endpoint: Endpoint {
+                flavour: named.map_or(Flavour::Openai, |n| n.flavour),
+                base_url: base_url.trim_end_matches('/').to_owned(),
+                api_version: named.map_or_else(String::new, |n| n.api_version.clone()),
+                deployments: named.map_or_else(HashMap::new, |n| n.deployments.clone()),
+                signer: named
+                    .filter(|n| n.flavour == Flavour::Bedrock)
+                    .and_then(|_| super::wire::Signer::from_env()),
+            },
             api_key: Some(api_key).filter(|k| !k.is_empty()).map(ApiKey::new),
-            flavour: named.map_or(Flavour::Openai, |n| n.flavour),
-            api_version: named.map_or_else(String::new, |n| n.api_version.clone()),
-            deployments: named.map_or_else(HashMap::new, |n| n.deployments.clone()),
             settings: settings.clone(),
             metrics: Arc::clone(metrics),
             typical_micros: AtomicU64::new(0),
@@ -179,64 +183,63 @@ impl Upstream {
 
     /// The base URL without a trailing slash.
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        &self.endpoint.base_url
+    }
+
+    pub fn flavour(&self) -> Flavour {
+        self.endpoint.flavour
+    }
+
+    /// The most inputs one call for `model` may carry at this vendor.
+    pub fn max_inputs_per_call(&self, model: &str) -> usize {
+        self.endpoint.max_inputs(model)
+    }
+
+    /// Whether calls can be made: a Bedrock upstream needs AWS credentials.
+    pub fn can_call(&self) -> bool {
+        self.flavour() != Flavour::Bedrock || self.endpoint.signer.is_some()
     }
 
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
 
+    /// Whether the gateway pays with credentials of its own (a key, or for
+    /// Bedrock its AWS credentials).
     pub fn has_own_key(&self) -> bool {
-        self.api_key.is_some()
+        self.api_key.is_some() || self.flavour() == Flavour::Bedrock
     }
 
     /// What identifies the vectors of `model` at this upstream, for the
-    /// cache key: the base URL (and for Azure the deployment).
+    /// cache key ([`Endpoint::namespace`]).
     pub fn namespace(&self, model: &str) -> String {
-        match self.flavour {
-            Flavour::Openai => self.base_url.clone(),
-            Flavour::Azure => format!("{}#azure:{}", self.base_url, self.deployment(model)),
-        }
+        self.endpoint.namespace(model)
     }
 
-    fn deployment<'a>(&'a self, model: &'a str) -> &'a str {
-        self.deployments.get(model).map_or(model, String::as_str)
+    /// Whether the vendor offers the Batch API `warm --batch-api` uses.
+    pub fn has_batch_api(&self) -> bool {
+        matches!(self.endpoint.flavour, Flavour::Openai | Flavour::Azure)
     }
 
     /// `path` of the Files and Batch APIs (`files`, `batches/{id}`...).
     pub(super) fn batch_api_url(&self, path: &str) -> String {
-        match self.flavour {
-            Flavour::Openai => format!("{}/{path}", self.base_url),
-            Flavour::Azure => format!(
-                "{}/openai/{path}?api-version={}",
-                self.base_url, self.api_version
-            ),
+        let e = &self.endpoint;
+        match e.flavour {
+            Flavour::Azure => format!("{}/openai/{path}?api-version={}", e.base_url, e.api_version),
+            _ => format!("{}/{path}", e.base_url),
         }
     }
 
     /// The model a batch line names: for Azure, the deployment.
     pub(super) fn batch_model<'a>(&'a self, model: &'a str) -> &'a str {
-        match self.flavour {
-            Flavour::Openai => model,
-            Flavour::Azure => self.deployment(model),
+        match self.endpoint.flavour {
+            Flavour::Azure => self.endpoint.deployment(model),
+            _ => model,
         }
     }
 
     pub(super) fn timeout(&self) -> Duration {
         Duration::from_secs(self.settings.timeout_secs)
-    }
-
-    /// Where embeddings of `model` are requested.
-    pub fn embeddings_url(&self, model: &str) -> String {
-        match self.flavour {
-            Flavour::Openai => format!("{}/embeddings", self.base_url),
-            Flavour::Azure => format!(
-                "{}/openai/deployments/{}/embeddings?api-version={}",
-                self.base_url,
-                self.deployment(model),
-                self.api_version
-            ),
-        }
     }
 
     /// The credential header for a call: the gateway's key when it holds
@@ -253,13 +256,13 @@ impl Upstream {
     /// other answers and transport failures are errors, not verdicts.
     pub async fn verify_key(&self, key: &ApiKey, model: &str) -> Result<bool, UpstreamError> {
         let timeout = Duration::from_secs(self.settings.timeout_secs);
-        let probe = serde_json::json!({ "model": model, "input": "" }).to_string();
+        let probe = self.endpoint.probe(model);
         let mut req = self
             .http
-            .post(self.embeddings_url(model))
+            .post(probe.url)
             .timeout(timeout)
             .header(header::CONTENT_TYPE, "application/json")
-            .body(probe);
+            .body(probe.body);
         if let Some((name, value)) = self.credential_for(key) {
             req = req.header(name, value);
         }
@@ -281,18 +284,13 @@ impl Upstream {
 
     /// The header carrying exactly `key` in this flavour.
     pub fn credential_for(&self, key: &ApiKey) -> Option<(HeaderName, HeaderValue)> {
-        match self.flavour {
-            Flavour::Openai => Some((header::AUTHORIZATION, key.bearer()?)),
-            Flavour::Azure => Some((crate::auth::API_KEY, key.header_value()?)),
-        }
+        self.endpoint.credential_for(key)
     }
 
     /// Embeds `call.inputs`, retrying transient failures within the deadline.
     pub async fn embed(&self, call: &EmbedCall<'_>) -> Result<Embeddings, UpstreamError> {
-        let body = serde_json::to_vec(&RequestBody(call))
-            .map_err(|e| UpstreamError::InvalidResponse(format!("encoding request: {e}")))?;
-        let body = Bytes::from(body);
-        self.retrying(|| self.send_once(call, body.clone())).await
+        let wire = self.endpoint.request(call)?;
+        self.retrying(|| self.send_once(call, &wire)).await
     }
 
     /// Runs `once` until it succeeds, fails for good, or the retry budget
@@ -338,15 +336,18 @@ impl Upstream {
     async fn send_once(
         &self,
         call: &EmbedCall<'_>,
-        body: Bytes,
+        wire: &WireRequest,
     ) -> Result<Embeddings, UpstreamError> {
         let timeout = Duration::from_secs(self.settings.timeout_secs);
         let mut req = self
             .http
-            .post(self.embeddings_url(call.model))
+            .post(wire.url.as_str())
             .timeout(timeout)
             .header(header::CONTENT_TYPE, "application/json")
-            .body(body);
+            .body(wire.body.clone());
+        for (name, value) in &wire.headers {
+            req = req.header(name.clone(), value.clone());
+        }
         if let Some((name, value)) = self.credential(call.auth.key.as_ref()) {
             req = req.header(name, value);
         }
@@ -387,8 +388,9 @@ impl Upstream {
             call.inputs.len(),
             call.dimensions.unwrap_or(self.settings.max_dimensions),
         );
+        let headers = response.headers().clone();
         let bytes = read_capped(response, limit, timeout).await?;
-        let embeddings = check_response(&bytes, call.inputs.len(), call.dimensions)?;
+        let embeddings = self.endpoint.parse(&bytes, &headers, call)?;
         self.observe_success(started.elapsed());
         Ok(embeddings)
     }
@@ -414,38 +416,6 @@ pub(super) fn transport_error(e: reqwest::Error, timeout: Duration) -> UpstreamE
 fn backoff(attempt: u32) -> Duration {
     let ceiling = 250u64.saturating_mul(1 << attempt.min(5)).min(8_000);
     Duration::from_millis(rand::random_range(ceiling / 2..=ceiling))
-}
-
-/// The JSON body sent upstream; always asks for base64.
-struct RequestBody<'a>(&'a EmbedCall<'a>);
-
-impl Serialize for RequestBody<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let call = self.0;
-        let mut map = s.serialize_map(None)?;
-        map.serialize_entry("model", call.model)?;
-        map.serialize_entry("input", &call.inputs)?;
-        map.serialize_entry("encoding_format", "base64")?;
-        if let Some(d) = call.dimensions {
-            map.serialize_entry("dimensions", &d)?;
-        }
-        if let Some(user) = call.user {
-            map.serialize_entry("user", user)?;
-        }
-        for (name, value) in call.extra {
-            map.serialize_entry(name, value)?;
-        }
-        map.end()
-    }
-}
-
-impl Serialize for Input {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Input::Text(t) => s.serialize_str(t),
-            Input::Tokens(t) => t.serialize(s),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod batch_api;
 mod client;
 mod response;
 pub mod tokens;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,6 +60,12 @@ impl Upstreams {
                 &settings.upstream,
                 metrics,
             ));
+            if !upstream.can_call() {
+                return Err(format!(
+                    "upstreams.{name}: a bedrock upstream needs AWS_ACCESS_KEY_ID, \
+                     AWS_SECRET_ACCESS_KEY and AWS_REGION"
+                ));
+            }
             for pattern in named
                 .models
                 .split(',')

@@ -42,6 +42,13 @@ pub enum WarmError {
 /// Why a run stopped part-way.
 #[derive(Debug, thiserror::Error)]
 pub enum Stop {
+    #[error("{} ({model}): {message}", span(*first, *last))]
+    Invalid {
+        first: u64,
+        last: u64,
+        model: String,
+        message: String,
+    },
     #[error("{} ({model}): {}", span(*first, *last), describe(error))]
     Vendor {
         first: u64,

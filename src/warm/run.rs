@@ -140,14 +140,25 @@ impl Run {
             &HeaderMap::new(),
             self.policy,
         );
-        let request = Arc::new(EmbeddingRequest {
+        let mut request = EmbeddingRequest {
             model: group.model,
             inputs,
             encoding_format: EncodingFormat::Float,
             dimensions: group.dimensions,
             user: None,
             extra: Vec::new(),
-        });
+            vendor: Default::default(),
+        };
+        // A native vendor's defaults, keyed as requests key them.
+        if let Err(e) = crate::protocol::native::adopt(ctx.upstream.flavour(), &mut request) {
+            return Err(Stop::Invalid {
+                first: first_line,
+                last: last_line,
+                model: request.model,
+                message: e.message,
+            });
+        }
+        let request = Arc::new(request);
         let keys = Pipeline::keys(&request, &ctx);
         let tenant = Arc::clone(&ctx.tenant);
         let outcome = match self.pipeline.embed(Arc::clone(&request), ctx).await {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real clients through the gateway: the official OpenAI Python SDK, LangChain's
-# OpenAIEmbeddings and the official OpenAI Node SDK talk to `embgate serve`,
-# which talks to `fake-vendor`. Each client script gets its own gateway with a
+# OpenAIEmbeddings, the official OpenAI Node SDK and the vendors' own Python
+# SDKs (cohere, voyageai, google-genai, boto3) talk to `embgate serve`, which talks to
+# `fake-vendor`. Each client script gets its own gateway with a
 # fresh store: the embedded one in a temporary directory, or, with
 # EMBGATE__STORE__URL set, a fresh key prefix on that Redis.
 #
@@ -23,6 +24,7 @@ cd "$root"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 bin_dir="$target_dir/debug"
 venv="$target_dir/clients-venv"
+vendors_venv="$target_dir/clients-vendors-venv"
 tiktoken_cache="$target_dir/clients-tiktoken"
 redis_url="${EMBGATE__STORE__URL:-}"
 run_id="$$-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
@@ -118,6 +120,16 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/n
   echo "$req_sum" >"$venv/.requirements.sha256"
 fi
 
+# The vendors' SDKs, in a venv of their own (their pins clash with the above).
+vendors_sum="$(sha256sum "$here/requirements-vendors.txt" | cut -d' ' -f1)"
+if [ ! -x "$vendors_venv/bin/python" ] || [ "$(cat "$vendors_venv/.requirements.sha256" 2>/dev/null)" != "$vendors_sum" ]; then
+  rm -rf "$vendors_venv"
+  python3 -m venv "$vendors_venv" || die "python3 -m venv failed"
+  "$vendors_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$here/requirements-vendors.txt" \
+    || die "pip install -r tests/clients/requirements-vendors.txt failed"
+  echo "$vendors_sum" >"$vendors_venv/.requirements.sha256"
+fi
+
 # Offline cl100k_base for Python tiktoken, from the tiktoken-rs crate source.
 cl100k_cached="$tiktoken_cache/$(printf '%s' "$cl100k_url" | sha1sum | cut -d' ' -f1)"
 if [ "$(sha256sum "$cl100k_cached" 2>/dev/null | cut -d' ' -f1)" != "$cl100k_sha256" ]; then
@@ -160,12 +172,15 @@ done
 gateway_url=""
 # The store timeouts are raised from their latency-oriented defaults so that
 # a busy CI machine cannot turn a slow store read into a cache miss.
-start_gateway() { # start_gateway NAME: a gateway with a fresh store
+start_gateway() { # start_gateway NAME [VAR=VALUE...]: a gateway with a fresh store
   local name="$1" prefix="embgate-ci-clients-$run_id-$1" port
+  shift
+  local extra=("$@")
   prefixes+=("$prefix")
   for _attempt in 1 2 3; do
     port="$(free_port)"
-    EMBGATE__LISTEN="127.0.0.1:$port" \
+    env "${extra[@]}" \
+      EMBGATE__LISTEN="127.0.0.1:$port" \
       EMBGATE__UPSTREAM__BASE_URL="$vendor_url" \
       EMBGATE__STORE__URL="$redis_url" \
       EMBGATE__STORE__PATH="$work/store-$name/cache.redb" \
@@ -190,11 +205,13 @@ start_gateway() { # start_gateway NAME: a gateway with a fresh store
 }
 
 # run_clients NAME COMMAND...: runs one client script against its own gateway
-# and counts its PASS/FAIL lines.
+# (configured with the VAR=VALUE words of `gateway_env`) and counts its
+# PASS/FAIL lines.
+gateway_env=()
 run_clients() {
   local name="$1"
   shift
-  start_gateway "$name"
+  start_gateway "$name" "${gateway_env[@]}"
   local status=0
   GATEWAY_URL="$gateway_url" VENDOR_URL="$vendor_url" \
     "$@" >"$work/$name.out" 2>"$work/$name.err" || status=$?
@@ -220,6 +237,33 @@ run_clients() {
 
 run_clients python env TIKTOKEN_CACHE_DIR="$tiktoken_cache" "$venv/bin/python" "$here/python_clients.py"
 run_clients node node "$here/node/clients.mjs"
+
+# The vendors' own APIs, each an upstream of its flavour on the fake.
+vendor_host="${vendor_url%/v1}"
+gateway_env=(
+  EMBGATE__AUTH__MODE=open
+  EMBGATE__UPSTREAM__API_KEY=sk-test
+  EMBGATE__UPSTREAMS__COHERE__FLAVOUR=cohere
+  EMBGATE__UPSTREAMS__COHERE__BASE_URL="$vendor_host"
+  EMBGATE__UPSTREAMS__COHERE__MODELS="embed-*"
+  EMBGATE__UPSTREAMS__COHERE__API_KEY=co-test
+  EMBGATE__UPSTREAMS__VOYAGE__FLAVOUR=voyage
+  EMBGATE__UPSTREAMS__VOYAGE__BASE_URL="$vendor_host/voyage/v1"
+  EMBGATE__UPSTREAMS__VOYAGE__MODELS="voyage-*"
+  EMBGATE__UPSTREAMS__VOYAGE__API_KEY=pa-test
+  EMBGATE__UPSTREAMS__GEMINI__FLAVOUR=gemini
+  EMBGATE__UPSTREAMS__GEMINI__BASE_URL="$vendor_host/v1beta"
+  EMBGATE__UPSTREAMS__GEMINI__MODELS="gemini-*"
+  EMBGATE__UPSTREAMS__GEMINI__API_KEY=g-test
+  EMBGATE__UPSTREAMS__BEDROCK__FLAVOUR=bedrock
+  EMBGATE__UPSTREAMS__BEDROCK__BASE_URL="$vendor_host"
+  EMBGATE__UPSTREAMS__BEDROCK__MODELS="amazon.titan-embed-*,cohere.embed-*"
+  AWS_ACCESS_KEY_ID=AKIDGATEWAY
+  AWS_SECRET_ACCESS_KEY=gateway-secret
+  AWS_REGION=us-east-1
+)
+run_clients vendors "$vendors_venv/bin/python" "$here/vendor_clients.py"
+gateway_env=()
 
 summary
 [ "$failed" -eq 0 ]

@@ -12,7 +12,7 @@ use indicatif::ProgressBar;
 
 use crate::accounting::Accounting;
 use crate::auth::ApiKey;
-use crate::cache::entry::{Entry, Origin};
+use crate::cache::entry::{Entry, Origin, ValueType};
 use crate::cache::key::{KeyHash, KeyHashMap};
 use crate::cache::{Cache, Holds};
 use crate::config::{BatchApiSettings, CacheSettings};
@@ -185,7 +185,10 @@ impl Collector {
                     let tokens = tokens.unwrap_or(0);
                     tokens_paid += tokens;
                     let tokens = u32::try_from(tokens).unwrap_or(u32::MAX);
-                    entries.push((hash, Entry::encode(&hash, &origin, &vector, tokens)));
+                    entries.push((
+                        hash,
+                        Entry::encode_raw(&hash, &origin, ValueType::F32, &vector, tokens),
+                    ));
                     collected.answered.insert(hash, tokens);
                 }
                 LineResult::Failed { reason, .. } => {

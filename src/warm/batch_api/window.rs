@@ -161,6 +161,19 @@ async fn look_up(
         return Ok(0);
     };
     let upstream = Arc::clone(run.upstreams.route(&group.model));
+    if !upstream.has_batch_api() {
+        return Err(Stop::Invalid {
+            first: first_line,
+            last: last_line,
+            message: format!(
+                "upstream {} ({:?}) has no Batch API (only OpenAI's and Azure OpenAI's are \
+                 used): warm these lines without --batch-api",
+                upstream.name(),
+                upstream.flavour()
+            ),
+            model: group.model,
+        });
+    }
     if !upstream.has_own_key() && run.caller.key.is_none() {
         return Err(Stop::NoKey {
             first: first_line,
@@ -182,6 +195,7 @@ async fn look_up(
         dimensions: group.dimensions,
         user: None,
         extra: Vec::new(),
+        vendor: Default::default(),
     };
     let hasher = KeyScope::of(&ctx.namespace, &request).hasher();
     let keys: Vec<KeyHash> = request.inputs.iter().map(|i| hasher.key(i)).collect();
