@@ -620,6 +620,37 @@ async fn a_vendor_without_the_batch_api_stops_the_run_before_any_spend() {
     assert!(recorded.is_none_or(|cp| cp.batches.is_empty()));
 }
 
+#[tokio::test]
+async fn a_native_vendor_upstream_is_refused_before_any_lookup() {
+    let scratch = Scratch::new(Backend::Redis);
+    let vendor = FakeVendor::start().await;
+    let base = vendor.base_url();
+    let cohere = [
+        ("EMBGATE__UPSTREAMS__CO__BASE_URL", base.as_str()),
+        ("EMBGATE__UPSTREAMS__CO__FLAVOUR", "cohere"),
+        ("EMBGATE__UPSTREAMS__CO__API_KEY", "co-key"),
+        ("EMBGATE__UPSTREAMS__CO__MODELS", "embed-*"),
+    ];
+    let settings = settings(&scratch, &vendor, &cohere);
+    let lines = [r#"{"input": "one", "model": "embed-v4.0"}"#.to_owned()];
+    let path = scratch.write("docs.jsonl", &lines);
+    let err = warm::warm(&settings, &options(&path))
+        .await
+        .expect_err("refused");
+    let WarmError::Stopped { cause, summary } = &err else {
+        panic!("expected a stop, got {err}");
+    };
+    assert!(matches!(cause, Stop::Invalid { .. }), "{cause}");
+    assert!(cause.to_string().contains("no Batch API"), "{cause}");
+    assert_eq!(summary.tokens_paid, 0);
+    assert!(vendor.batch_ids().is_empty());
+    assert!(
+        vendor.requests_seen().is_empty(),
+        "{:?}",
+        vendor.requests_seen()
+    );
+}
+
 #[rstest]
 #[case::refused(429, true)]
 #[case::failed(500, false)]
