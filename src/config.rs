@@ -399,7 +399,8 @@ impl Flavour {
     }
 }
 
-/// Routes other than `/v1/embeddings`, forwarded to the default vendor.
+/// Routes other than `/v1/embeddings`, forwarded to the upstream of the
+/// model their JSON body names, else to the default one.
 #[derive(Debug, Clone, Deserialize)]
 pub struct PassthroughSettings {
     /// Comma-separated path prefixes (`/v1/models`, or `models`) that may
