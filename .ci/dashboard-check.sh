@@ -225,8 +225,28 @@ traffic() {
   curl -s -o /dev/null "$GW2/readyz"
 }
 
+# A re-indexing job through the vendor's Batch API, on the first gateway's
+# store: the ledger it writes is what the Batch API panel shows.
+batch_warm() {
+  printf '"batch alpha"\n"batch beta"\n"alpha one"\n' >"$WORK/batch.jsonl"
+  env EMBGATE__UPSTREAM__BASE_URL="$VENDOR_URL" \
+    EMBGATE__UPSTREAM__API_KEY= \
+    EMBGATE__STORE__URL=redis://127.0.0.1:6379/0 \
+    EMBGATE__STORE__KEY_PREFIX="$PREFIX" \
+    EMBGATE__BATCH_API__POLL_MIN_MS=50 \
+    EMBGATE__BATCH_API__POLL_MAX_MS=200 \
+    RUST_LOG=warn \
+    target/debug/embgate warm "$WORK/batch.jsonl" --batch-api --api-key sk-test --quiet \
+    >"$WORK/warm-batch.log" 2>&1 || {
+    cat "$WORK/warm-batch.log" >&2
+    die "embgate warm --batch-api failed"
+  }
+}
+
 log "sending traffic"
 traffic 1
+log "warming through the Batch API"
+batch_warm
 wait_scrapes 2
 traffic 2
 wait_scrapes 3
