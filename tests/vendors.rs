@@ -592,3 +592,50 @@ async fn voyage_and_gemini_partial_batches_send_only_misses() {
         assert_eq!(sent[before].inputs, vec![text("fresh")], "{model}");
     }
 }
+
+#[tokio::test]
+async fn voyage_and_gemini_errors_pass_through_and_are_not_cached() {
+    let gw = gateway(&[]).await;
+    for (kept, (model, input_type, extra)) in [
+        (VOYAGE, "document", json!({"input_type": "document"})),
+        (
+            GEMINI,
+            "RETRIEVAL_DOCUMENT",
+            json!({"task_type": "RETRIEVAL_DOCUMENT"}),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut body = json!({"model": model, "input": ["x y"]});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        gw.vendor.push_fault(Fault::Status {
+            status: 429,
+            retry_after_secs: Some(4),
+        });
+        let response = gw.post(&body).await;
+        assert_eq!(response.status(), 429, "{model}");
+        assert_eq!(header(&response, "retry-after"), "4", "{model}");
+        gw.vendor.push_fault(Fault::WrongCount);
+        assert_eq!(gw.post(&body).await.status(), 502, "{model}");
+        gw.settled().await;
+        assert_eq!(
+            gw.entries().await.len(),
+            kept,
+            "{model}: nothing broken is kept"
+        );
+        let (cache, ok) = gw.embed(&body).await;
+        assert_eq!(cache, "miss", "{model}");
+        assert_eq!(
+            vectors(&ok)[0],
+            native(model, input_type, "x y", None),
+            "{model}"
+        );
+        // The answer of the first good call is the one kept.
+        gw.settled().await;
+        let (cache, _) = gw.embed(&body).await;
+        assert_eq!(cache, "hit", "{model}");
+    }
+}
