@@ -15,12 +15,12 @@ use crate::cache::control::CachePolicy;
 use crate::cache::key::KeyHash;
 use crate::config::{CacheSettings, Settings};
 use crate::pipeline::{CallContext, Pipeline};
-use crate::protocol::{EmbeddingRequest, EncodingFormat};
+use crate::protocol::{EmbeddingRequest, EncodingFormat, Input};
 use crate::vendor::Upstreams;
 
 use super::Stop;
 use super::checkpoint::{Tracker, write_checkpoint};
-use super::input::Batch;
+use super::input::{Batch, Group};
 
 /// Attempts at confirming that a batch's entries were stored.
 const VERIFY_ATTEMPTS: u32 = 3;
@@ -110,21 +110,17 @@ impl Finished {
 }
 
 impl Run {
-    /// Embeds a batch through the pipeline, then makes sure its entries are
-    /// in the store (the pipeline serves on when the store fails; a warm run
-    /// must not count such a batch as done).
-    pub(super) async fn embed(self, batch: Batch) -> Result<Finished, Stop> {
-        let mut done = Finished::empty(&batch);
-        let Batch {
-            first_line,
-            last_line,
-            group,
-            inputs,
-            ..
-        } = batch;
-        let Some(group) = group else {
-            return Ok(done);
-        };
+    /// A group's inputs as the request a caller would send, and what it is
+    /// sent with: its upstream (which must have a key to pay with) and the
+    /// caller. A native vendor's defaults are written out, keyed as
+    /// requests key them.
+    pub(super) fn request(
+        &self,
+        first_line: u64,
+        last_line: u64,
+        group: Group,
+        inputs: Vec<Input>,
+    ) -> Result<(CallContext, EmbeddingRequest), Stop> {
         let upstream = Arc::clone(self.upstreams.route(&group.model));
         if !upstream.has_own_key() && self.caller.key.is_none() {
             return Err(Stop::NoKey {
@@ -149,7 +145,6 @@ impl Run {
             extra: Vec::new(),
             vendor: Default::default(),
         };
-        // A native vendor's defaults, keyed as requests key them.
         if let Err(e) = crate::protocol::native::adopt(ctx.upstream.flavour(), &mut request) {
             return Err(Stop::Invalid {
                 first: first_line,
@@ -158,6 +153,25 @@ impl Run {
                 message: e.message,
             });
         }
+        Ok((ctx, request))
+    }
+
+    /// Embeds a batch through the pipeline, then makes sure its entries are
+    /// in the store (the pipeline serves on when the store fails; a warm run
+    /// must not count such a batch as done).
+    pub(super) async fn embed(self, batch: Batch) -> Result<Finished, Stop> {
+        let mut done = Finished::empty(&batch);
+        let Batch {
+            first_line,
+            last_line,
+            group,
+            inputs,
+            ..
+        } = batch;
+        let Some(group) = group else {
+            return Ok(done);
+        };
+        let (ctx, request) = self.request(first_line, last_line, group, inputs)?;
         let request = Arc::new(request);
         let keys = Pipeline::keys(&request, &ctx);
         let tenant = Arc::clone(&ctx.tenant);

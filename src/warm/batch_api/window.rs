@@ -4,11 +4,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use axum::http::HeaderMap;
-
 use crate::cache::key::{KeyHash, KeyHashMap, KeyScope};
 use crate::pipeline::CallContext;
-use crate::protocol::{EmbeddingRequest, EncodingFormat, Input};
+use crate::protocol::Input;
 use crate::warm::Stop;
 use crate::warm::input::Batch;
 use crate::warm::run::{Run, Spend};
@@ -160,7 +158,8 @@ async fn look_up(
     let Some(group) = group else {
         return Ok(0);
     };
-    let upstream = Arc::clone(run.upstreams.route(&group.model));
+    let (ctx, request) = run.request(first_line, last_line, group, inputs)?;
+    let upstream = Arc::clone(&ctx.upstream);
     if !upstream.has_batch_api() {
         return Err(Stop::Invalid {
             first: first_line,
@@ -171,32 +170,9 @@ async fn look_up(
                 upstream.name(),
                 upstream.flavour()
             ),
-            model: group.model,
+            model: request.model,
         });
     }
-    if !upstream.has_own_key() && run.caller.key.is_none() {
-        return Err(Stop::NoKey {
-            first: first_line,
-            last: last_line,
-            model: group.model,
-        });
-    }
-    let ctx = CallContext::new(
-        Arc::clone(&upstream),
-        run.caller.clone(),
-        &group.model,
-        &HeaderMap::new(),
-        run.policy,
-    );
-    let request = EmbeddingRequest {
-        model: group.model,
-        inputs,
-        encoding_format: EncodingFormat::Float,
-        dimensions: group.dimensions,
-        user: None,
-        extra: Vec::new(),
-        vendor: Default::default(),
-    };
     let hasher = KeyScope::of(&ctx.namespace, &request).hasher();
     let keys: Vec<KeyHash> = request.inputs.iter().map(|i| hasher.key(i)).collect();
     let mut distinct: Vec<KeyHash> = Vec::new();
