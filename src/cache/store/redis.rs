@@ -281,15 +281,11 @@ impl Store for RedisStore {
     }
 
     fn meta_get(&self, field: &str) -> BoxFuture<'static, Result<Option<String>, StoreError>> {
-        let mut cmd = redis::cmd("HGET");
-        cmd.arg(self.layout.meta()).arg(field);
-        self.query(cmd)
+        self.query(meta_command("HGET", &self.layout, &[field]))
     }
 
     fn meta_set(&self, field: &str, value: &str) -> BoxFuture<'static, Result<(), StoreError>> {
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(self.layout.meta()).arg(field).arg(value);
-        self.query(cmd)
+        self.query(meta_command("HSET", &self.layout, &[field, value]))
     }
 
     fn meta_set_new(
@@ -297,15 +293,11 @@ impl Store for RedisStore {
         field: &str,
         value: &str,
     ) -> BoxFuture<'static, Result<bool, StoreError>> {
-        let mut cmd = redis::cmd("HSETNX");
-        cmd.arg(self.layout.meta()).arg(field).arg(value);
-        self.query(cmd)
+        self.query(meta_command("HSETNX", &self.layout, &[field, value]))
     }
 
     fn meta_delete(&self, field: &str) -> BoxFuture<'static, Result<(), StoreError>> {
-        let mut cmd = redis::cmd("HDEL");
-        cmd.arg(self.layout.meta()).arg(field);
-        self.query(cmd)
+        self.query(meta_command("HDEL", &self.layout, &[field]))
     }
 
     fn ledger_add(
@@ -405,6 +397,14 @@ impl Store for RedisStore {
 }
 
 /// The ledger's increments as one transaction on its hash.
+/// `command` (`HGET`, `HSET`...) on the meta hash with `args`: one key, so
+/// one slot, alike on one Redis and on a cluster.
+pub(super) fn meta_command(command: &str, layout: &KeyLayout, args: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd(command);
+    cmd.arg(layout.meta()).arg(args);
+    cmd
+}
+
 pub(super) fn ledger_transaction(key: &str, increments: &[(String, Increment)]) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.atomic();

@@ -267,15 +267,15 @@ impl Store for ClusterStore {
     }
 
     fn meta_get(&self, field: &str) -> BoxFuture<'static, Result<Option<String>, StoreError>> {
-        let mut cmd = redis::cmd("HGET");
-        cmd.arg(self.layout.meta()).arg(field);
-        self.query(cmd)
+        self.query(super::redis::meta_command("HGET", &self.layout, &[field]))
     }
 
     fn meta_set(&self, field: &str, value: &str) -> BoxFuture<'static, Result<(), StoreError>> {
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(self.layout.meta()).arg(field).arg(value);
-        self.query(cmd)
+        self.query(super::redis::meta_command(
+            "HSET",
+            &self.layout,
+            &[field, value],
+        ))
     }
 
     fn meta_set_new(
@@ -283,15 +283,15 @@ impl Store for ClusterStore {
         field: &str,
         value: &str,
     ) -> BoxFuture<'static, Result<bool, StoreError>> {
-        let mut cmd = redis::cmd("HSETNX");
-        cmd.arg(self.layout.meta()).arg(field).arg(value);
-        self.query(cmd)
+        self.query(super::redis::meta_command(
+            "HSETNX",
+            &self.layout,
+            &[field, value],
+        ))
     }
 
     fn meta_delete(&self, field: &str) -> BoxFuture<'static, Result<(), StoreError>> {
-        let mut cmd = redis::cmd("HDEL");
-        cmd.arg(self.layout.meta()).arg(field);
-        self.query(cmd)
+        self.query(super::redis::meta_command("HDEL", &self.layout, &[field]))
     }
 
     fn ledger_add(
